@@ -1,0 +1,626 @@
+"""codex-app-server: the Codex app-server JSON-RPC protocol over stdio and Apache Kafka.
+
+Run ``python codex_app_server.py --help``.  Stdio needs only the standard
+library; the Kafka transport (``kafka_transport.py``, next to this file) needs
+kafka-python, imported only when a Kafka flag is given.
+
+Shape, after CPython's socketserver: each transport runs a blocking loop in its
+own thread and pushes (transport, message) into one queue; the ``Processor``
+hands each message to that transport's backend; backend output goes straight
+back to the transport.  A shutdown Event stops intake, the processor drains,
+backends finish, then transports flush, commit and close.
+"""
+
+import argparse
+import logging
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import kafka_transport as rpc
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("codex_app_server")
+
+Message = Dict[str, Any]
+
+KAFKA_REQUIRED = ("kafka_bootstrap_servers", "kafka_input_topic", "kafka_output_topic",
+                  "kafka_group_id")
+KAFKA_FLAGS = KAFKA_REQUIRED + ("kafka_client_id", "kafka_offset_reset", "kafka_property")
+DEFAULT_CODEX_COMMAND = "codex app-server"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: parse flags, serve until shutdown, return the exit status."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    configure_logging(args.log_level)
+    backend_factory = backend_factory_for(args, parser)
+    server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout)
+    if args.kafka:
+        server.add_kafka(args)
+    if args.stdio:
+        server.add_stdio()
+    server.install_signal_handlers()
+    return server.serve_forever()
+
+
+# --- command line ----------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codex-app-server",
+        description="Carry the Codex app-server JSON-RPC protocol over stdio and Apache Kafka "
+                    "topics. Without Kafka flags, serve stdio only.")
+    kafka = parser.add_argument_group(
+        "Kafka", "Any Kafka flag enables the Kafka transport; the bootstrap servers, both topics "
+                 "and the group id are then required.")
+    kafka.add_argument("--kafka-bootstrap-servers", metavar="HOST:PORT[,...]", type=_servers,
+                       help="comma-separated broker list")
+    kafka.add_argument("--kafka-input-topic", metavar="TOPIC", type=_topic,
+                       help="topic carrying inbound JSON-RPC messages")
+    kafka.add_argument("--kafka-output-topic", metavar="TOPIC", type=_topic,
+                       help="topic for outbound responses and notifications")
+    kafka.add_argument("--kafka-group-id", metavar="GROUP", type=_nonempty,
+                       help="consumer group of this server")
+    kafka.add_argument("--kafka-client-id", metavar="ID", type=_nonempty,
+                       help="client id of consumer and producer (default: codex-app-server)")
+    kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
+                       help="where a group without committed offsets starts (default: latest)")
+    kafka.add_argument("-X", "--kafka-property", metavar="KEY=VALUE", action="append",
+                       type=_property,
+                       help="librdkafka/Java client property, e.g. session.timeout.ms=10000 "
+                            "(repeatable)")
+    parser.add_argument("--stdio", action="store_true",
+                        help="keep the stdio transport on alongside Kafka (default with no Kafka "
+                             "flag)")
+    parser.add_argument("--backend", choices=("codex", "builtin"), default="codex",
+                        help="what answers: a 'codex app-server' child per connection, or the "
+                             "built-in initialize/noop backend for smoke tests (default: codex)")
+    parser.add_argument("--codex-command", metavar="COMMAND",
+                        help="command line of the Codex child (default: $CODEX_APP_SERVER_COMMAND "
+                             f"or '{DEFAULT_CODEX_COMMAND}')")
+    parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=_seconds, default=30.0,
+                        help="how long shutdown waits for in-flight work (default: 30)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level on stderr (default: INFO)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and cross-check flags; usage errors exit 2 through ``parser.error``."""
+    args = parser.parse_args(argv)
+    args.kafka = any(getattr(args, name) is not None for name in KAFKA_FLAGS)
+    if args.kafka:
+        missing = ["--" + name.replace("_", "-") for name in KAFKA_REQUIRED
+                   if getattr(args, name) is None]
+        if missing:
+            parser.error("the Kafka transport also needs: " + ", ".join(missing))
+        if args.kafka_input_topic == args.kafka_output_topic:
+            parser.error("--kafka-input-topic and --kafka-output-topic must differ "
+                         "(the server would consume its own replies)")
+        args.kafka_properties = dict(args.kafka_property or [])
+        try:
+            rpc.client_config(args.kafka_properties)
+        except ValueError as exc:
+            parser.error(f"-X/--kafka-property: {exc}")
+    else:
+        args.stdio = True
+    args.kafka_client_id = args.kafka_client_id or "codex-app-server"
+    args.kafka_offset_reset = args.kafka_offset_reset or "latest"
+    return args
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _servers(text: str) -> str:
+    entries = [entry.strip() for entry in text.split(",")]
+    for entry in entries:
+        if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:,\[\]]+):\d{1,5}", entry):
+            raise argparse.ArgumentTypeError(f"{entry!r} is not HOST:PORT")
+    return ",".join(entries)
+
+
+def _topic(text: str) -> str:
+    _nonempty(text)
+    if text in (".", "..") or len(text) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; "
+            "at most 249)")
+    return text
+
+
+def _property(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text.split('=')[0]!r}")
+    return key.strip(), value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python narrates every connection at INFO; keep its warnings and errors.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+# --- server ---------------------------------------------------------------
+
+class Server:
+    """Owns the transports, the processor and the shutdown sequence."""
+
+    def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0):
+        self.shutdown_event = threading.Event()
+        self.shutdown_timeout = shutdown_timeout
+        self.processor = Processor(backend_factory)
+        self.transports: List[Any] = []
+        self._signals = 0
+        self._failed = False
+
+    def add_kafka(self, args: argparse.Namespace) -> None:
+        transport = rpc.KafkaTransport(
+            args.kafka_bootstrap_servers, args.kafka_input_topic, args.kafka_output_topic,
+            args.kafka_group_id, self.processor.submit, client_id=args.kafka_client_id,
+            offset_reset=args.kafka_offset_reset, properties=args.kafka_properties)
+        self.transports.append(transport)
+
+    def add_stdio(self) -> None:
+        self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed))
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def serve_forever(self) -> int:
+        """Run until a signal (or stdin EOF in stdio-only mode), then shut down in order."""
+        for transport in self.transports:
+            self.processor.register(transport)
+            threading.Thread(target=self._serve_transport, args=(transport,),
+                             name=f"{transport.name}-transport", daemon=True).start()
+        processor_thread = threading.Thread(target=self.processor.serve_forever,
+                                            name="processor", daemon=True)
+        processor_thread.start()
+        log.info("codex-app-server %s serving on %s", __version__,
+                 " and ".join(t.name for t in self.transports))
+        # A timed wait keeps the main thread responsive to signals on every platform.
+        while not self.shutdown_event.wait(0.5):
+            pass
+        status = self._shutdown(processor_thread)
+        return 1 if self._failed else status
+
+    def shutdown(self) -> None:
+        self.shutdown_event.set()
+
+    def _serve_transport(self, transport: Any) -> None:
+        try:
+            transport.serve_forever()
+        except BaseException:
+            # A transport without its loop would accept nothing: stop rather than linger.
+            log.exception("%s transport failed; shutting down", transport.name)
+            self._failed = True
+            self.shutdown_event.set()
+
+    def _shutdown(self, processor_thread: threading.Thread) -> int:
+        deadline = time.monotonic() + self.shutdown_timeout
+        log.info("shutting down: no new messages taken")
+        for transport in self.transports:
+            transport.shutdown()
+        log.info("finishing queued messages")
+        self.processor.stop()
+        processor_thread.join(max(0.0, deadline - time.monotonic()))
+        if processor_thread.is_alive():
+            log.warning("shutdown timeout: %d queued messages left unprocessed",
+                        self.processor.queued())
+        log.info("waiting for in-flight replies")
+        self.processor.close_backends(deadline)
+        for transport in self.transports:
+            transport.close(timeout=max(1.0, deadline - time.monotonic()))
+        log.info("shutdown complete")
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # The operator insists: no more waiting.
+            sys.stderr.write(f"codex-app-server: second {signal.Signals(signum).name}, "
+                             "exiting now\n")
+            os._exit(128 + signum)
+        log.info("received %s", signal.Signals(signum).name)
+        self.shutdown_event.set()
+
+    def _stdio_closed(self) -> None:
+        if len(self.transports) == 1:
+            log.info("stdin closed: shutting down")
+            self.shutdown_event.set()
+        else:
+            log.info("stdin closed: the stdio connection ends, Kafka goes on")
+            self.processor.close_backend(self.transports[-1], time.monotonic() +
+                                         self.shutdown_timeout)
+
+
+class Processor:
+    """One queue of (transport, message); each message to its transport's backend."""
+
+    _STOP = object()
+
+    def __init__(self, backend_factory: "BackendFactory"):
+        self._factory = backend_factory
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._backends: Dict[Any, Backend] = {}
+
+    def register(self, transport: Any) -> None:
+        self._backends[transport] = self._factory(transport)
+
+    def submit(self, transport: Any, message: Message) -> None:
+        """Called by transport threads: queue one validated message."""
+        self._queue.put((transport, message))
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def serve_forever(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            transport, message = item
+            try:
+                self._backends[transport].handle(message)
+            except Exception:
+                log.exception("backend failed on a %s message", rpc.kind(message))
+                if rpc.kind(message) == rpc.REQUEST:
+                    transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR,
+                                                      "internal error in codex-app-server"))
+
+    def stop(self) -> None:
+        """Finish what is queued, then return from serve_forever."""
+        self._queue.put(self._STOP)
+
+    def close_backend(self, transport: Any, deadline: float) -> None:
+        backend = self._backends.get(transport)
+        if backend is not None:
+            backend.close(deadline)
+
+    def close_backends(self, deadline: float) -> None:
+        for backend in self._backends.values():
+            backend.close(deadline)
+
+
+# --- stdio ------------------------------------------------------------------
+
+class StdioTransport:
+    """JSON-RPC lines on stdin -> submit; replies as single lines on stdout."""
+
+    name = "stdio"
+
+    def __init__(self, submit: Callable[[Any, Message], None], on_eof: Callable[[], None],
+                 stdin: Any = None, stdout: Any = None):
+        self._submit = submit
+        self._on_eof = on_eof
+        self._stdin = stdin if stdin is not None else sys.stdin.buffer
+        self._stdout = stdout if stdout is not None else sys.stdout.buffer
+        self._write_lock = threading.Lock()
+        self._shutdown = threading.Event()
+
+    def serve_forever(self) -> None:
+        line_number = 0
+        for line in iter(self._stdin.readline, b""):
+            if self._shutdown.is_set():
+                return
+            line_number += 1
+            if not line.strip():
+                continue
+            try:
+                message = rpc.decode(line.strip())
+            except rpc.InvalidMessage as exc:
+                log.warning("invalid payload from stdin: line %d: %s", line_number, exc.reason)
+                self.send(rpc.error_response(exc.id, exc.code, exc.reason))
+                continue
+            self._submit(self, message)
+        if not self._shutdown.is_set():
+            self._on_eof()
+
+    def send(self, message: Message) -> None:
+        data = rpc.encode(message) + b"\n"
+        with self._write_lock:
+            try:
+                self._stdout.write(data)
+                self._stdout.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                log.warning("failed to write to stdout: %s", exc)
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+    def close(self, timeout: float = 0.0) -> None:
+        self._shutdown.set()
+
+
+# --- backends ---------------------------------------------------------------
+
+class Backend:
+    """What answers one connection's messages.  Replies go to ``transport.send``."""
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+
+    def handle(self, message: Message) -> None:
+        raise NotImplementedError
+
+    def close(self, deadline: float) -> None:
+        """Finish in-flight work by ``deadline`` (time.monotonic()), then release resources."""
+
+
+BackendFactory = Callable[[Any], Backend]
+
+
+class BuiltinBackend(Backend):
+    """Answers ``initialize`` and ``noop`` in-process: transport smoke tests without Codex."""
+
+    def handle(self, message: Message) -> None:
+        kind = rpc.kind(message)
+        if kind == rpc.REQUEST:
+            method = message["method"]
+            if method == "initialize":
+                self._reply(message, {"userAgent": f"codex-app-server/{__version__} (python)",
+                                      "platformFamily": "windows" if os.name == "nt" else "unix",
+                                      "platformOs": _platform_os()})
+            elif method == "noop":
+                self._reply(message, {})
+            else:
+                self.transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
+                                                       f"Method not found: {method}"))
+        elif kind in (rpc.RESPONSE, rpc.ERROR):
+            log.debug("builtin backend: ignoring a client %s for id %r", kind, message.get("id"))
+
+    def _reply(self, request: Message, result: Any) -> None:
+        self.transport.send({"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+
+class CodexBackend(Backend):
+    """Drives one ``codex app-server`` child for one connection.
+
+    Every client of a connection shares the child, so request ids are rewritten
+    to ids unique in this server and restored on the reply; the first
+    ``initialize`` result is kept and answers later ones (and is replayed to a
+    restarted child).  Codex's own requests to the client (approvals) and the
+    client's answers pass through unchanged: their ids are Codex's.
+    """
+
+    def __init__(self, transport: Any, argv: Sequence[str]):
+        super().__init__(transport)
+        self._argv = list(argv)
+        self._lock = threading.Condition()
+        self._child: Optional[subprocess.Popen] = None
+        self._next_id = 1
+        self._pending: Dict[int, Message] = {}  # our id -> the client's request
+        self._init_params: Optional[Any] = None
+        self._init_result: Optional[Any] = None
+        self._init_waiting: List[Message] = []  # initialize requests waiting for the first one
+
+    def handle(self, message: Message) -> None:
+        kind = rpc.kind(message)
+        if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
+                message):
+            return
+        child = self._ensure_child(message)
+        if child is None:
+            return
+        if kind == rpc.REQUEST:
+            with self._lock:
+                our_id = self._next_id
+                self._next_id += 1
+                self._pending[our_id] = message
+                if message["method"] == "initialize":
+                    self._init_params = message.get("params", {})
+            message = dict(message, id=our_id)
+        self._write(child, message)
+
+    def close(self, deadline: float) -> None:
+        with self._lock:
+            while self._pending and time.monotonic() < deadline:
+                self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            child = self._child
+            if self._pending:
+                log.warning("shutdown timeout: %d requests to codex still unanswered",
+                            len(self._pending))
+        if child is None:
+            return
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("codex app-server (pid %d) did not exit: terminating it", child.pid)
+            child.terminate()
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    # Requests and replies --------------------------------------------------
+
+    def _answer_initialize(self, request: Message) -> bool:
+        """Answer a repeated ``initialize`` ourselves; False sends it on to Codex."""
+        with self._lock:
+            if self._init_result is not None:
+                result = self._init_result
+            elif self._init_params is not None:
+                self._init_waiting.append(request)
+                return True
+            else:
+                return False
+        self.transport.send({"id": request["id"], "result": result})
+        return True
+
+    def _from_child(self, message: Message) -> None:
+        kind = rpc.kind(message)
+        if kind in (rpc.RESPONSE, rpc.ERROR):
+            with self._lock:
+                request = self._pending.pop(message["id"], None)
+                self._lock.notify_all()
+            if request is None:
+                log.warning("codex answered id %r, which no client asked", message["id"])
+                return
+            waiting = self._initialized(request, message) if request["method"] == "initialize" \
+                else []
+            if request.get("id") is None:
+                return  # our own replayed initialize
+            self.transport.send(dict(message, id=request["id"]))
+            for other in waiting:
+                self.transport.send(dict(message, id=other["id"]))
+        else:
+            self.transport.send(message)
+
+    def _initialized(self, request: Message, reply: Message) -> List[Message]:
+        with self._lock:
+            waiting, self._init_waiting = self._init_waiting, []
+            if "result" in reply:
+                self._init_result = reply["result"]
+            elif self._init_result is None:
+                self._init_params = None  # failed: the next initialize goes to Codex again
+        return waiting
+
+    # The child process -------------------------------------------------
+
+    def _ensure_child(self, message: Message) -> Optional[subprocess.Popen]:
+        with self._lock:
+            if self._child is not None and self._child.poll() is None:
+                return self._child
+        env = dict(os.environ)
+        env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
+        try:
+            child = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        except OSError as exc:
+            log.error("cannot start codex app-server (%s): %s", " ".join(self._argv), exc)
+            if rpc.kind(message) == rpc.REQUEST:
+                self.transport.send(rpc.error_response(
+                    message["id"], rpc.INTERNAL_ERROR, f"cannot start codex app-server: {exc}"))
+            return None
+        log.info("started codex app-server for %s (pid %d)", self.transport.name, child.pid)
+        with self._lock:
+            self._child = child
+            replay = self._init_params if self._init_result is not None else None
+            if replay is not None:
+                our_id = self._next_id
+                self._next_id += 1
+                self._pending[our_id] = {"method": "initialize"}
+        threading.Thread(target=self._read_stdout, args=(child,), daemon=True,
+                         name=f"codex-{child.pid}-stdout").start()
+        threading.Thread(target=self._read_stderr, args=(child,), daemon=True,
+                         name=f"codex-{child.pid}-stderr").start()
+        if replay is not None:
+            # A restarted child must be initialized before it takes other requests.
+            self._write(child, {"id": our_id, "method": "initialize", "params": replay})
+        return child
+
+    def _write(self, child: subprocess.Popen, message: Message) -> None:
+        try:
+            child.stdin.write(rpc.encode(message) + b"\n")
+            child.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            log.warning("cannot write to codex app-server (pid %d): %s", child.pid, exc)
+
+    def _read_stdout(self, child: subprocess.Popen) -> None:
+        for line in iter(child.stdout.readline, b""):
+            if not line.strip():
+                continue
+            try:
+                message = rpc.decode(line.strip())
+            except rpc.InvalidMessage as exc:
+                log.warning("skipping a line from codex app-server that is not JSON-RPC (%d "
+                            "bytes): %s", len(line), exc.reason)
+                continue
+            self._from_child(message)
+        status = child.wait()
+        self._child_exited(child, status)
+
+    def _read_stderr(self, child: subprocess.Popen) -> None:
+        for line in iter(child.stderr.readline, b""):
+            text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip()
+            if text:
+                log.warning("codex[%d]: %s", child.pid, text)
+
+    def _child_exited(self, child: subprocess.Popen, status: int) -> None:
+        with self._lock:
+            if self._child is child:
+                self._child = None
+            orphans, self._pending = self._pending, {}
+            waiting, self._init_waiting = self._init_waiting, []
+            if self._init_result is None:
+                self._init_params = None
+            self._lock.notify_all()
+        how = f"signal {-status}" if status < 0 else f"status {status}"
+        if orphans or waiting:
+            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests",
+                      child.pid, how, len(orphans) + len(waiting))
+        else:
+            log.info("codex app-server (pid %d) exited with %s", child.pid, how)
+        for request in list(orphans.values()) + waiting:
+            if request.get("id") is not None:
+                self.transport.send(rpc.error_response(
+                    request["id"], rpc.INTERNAL_ERROR,
+                    f"codex app-server exited with {how} before answering"))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _platform_os() -> str:
+    for prefix, name in (("linux", "linux"), ("darwin", "macos"), ("win", "windows"),
+                         ("openbsd", "openbsd"), ("freebsd", "freebsd"), ("netbsd", "netbsd")):
+        if sys.platform.startswith(prefix):
+            return name
+    return sys.platform
+
+
+def backend_factory_for(args: argparse.Namespace,
+                        parser: argparse.ArgumentParser) -> BackendFactory:
+    if args.backend == "builtin":
+        return BuiltinBackend
+    command = args.codex_command or os.environ.get("CODEX_APP_SERVER_COMMAND") \
+        or DEFAULT_CODEX_COMMAND
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        parser.error(f"--codex-command: {exc}")
+    if not argv or shutil.which(argv[0]) is None:
+        parser.error(f"Codex not found: cannot run {command!r}. Install Codex with "
+                     "'npm install -g @openai/codex', or point --codex-command (or "
+                     "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
+                     "--backend builtin for transport smoke tests.")
+    return lambda transport: CodexBackend(transport, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
