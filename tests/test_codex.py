@@ -1,0 +1,507 @@
+"""Integration tests of the Codex backend: the real ``codex app-server`` child,
+driven over a real Kafka broker (Tansu) and over stdio.
+
+The one mock is the model: ``mock_responses.MockResponsesServer``, a loopback
+OpenAI Responses API that Codex reaches through its ``mock`` model provider.
+A missing Codex binary fails the tests (nothing skips).
+"""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+from conftest import ROOT, KafkaClient, ServerProcess, Topics
+from mock_responses import MockResponsesServer
+
+CODEX_VERSION = "0.169.0"
+CODEX_BIN = ROOT / "node_modules" / "@openai" / "codex-linux-x64" / "vendor" / \
+    "x86_64-unknown-linux-musl" / "bin" / "codex"
+HOMES = ROOT / ".test-homes"  # CODEX_HOME dirs; outside /tmp on purpose, git-ignored
+CLIENT_INFO = {"name": "pytest", "version": "0.0.1"}
+MOCK_TEXT = "Hello! How can I help you today?"
+WAIT = 30.0  # seconds any single expected message may take
+
+CONFIG_TOML = """\
+model = "mock-model"
+model_provider = "mock"
+approval_policy = "never"
+sandbox_mode = "read-only"
+check_for_update_on_startup = false
+web_search = "disabled"
+chatgpt_base_url = "http://127.0.0.1:9/backend-api/"
+[features]
+plugins = false
+apps = false
+remote_plugin = false
+shell_snapshot = false
+image_generation = false
+goals = false
+[agents]
+enabled = false
+[analytics]
+enabled = false
+[model_providers.mock]
+name = "mock"
+base_url = "{base_url}"
+wire_api = "responses"
+requires_openai_auth = false
+supports_websockets = false
+request_max_retries = 0
+stream_max_retries = 0
+stream_idle_timeout_ms = 20000
+"""
+
+
+# --- fixtures ------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def codex_bin() -> str:
+    install = f"run `npm install @openai/codex@{CODEX_VERSION}` in {ROOT}"
+    if not CODEX_BIN.is_file() or not os.access(str(CODEX_BIN), os.X_OK):
+        pytest.fail(f"Codex binary not found at {CODEX_BIN}: {install}", pytrace=False)
+    try:
+        version = subprocess.run([str(CODEX_BIN), "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"cannot run {CODEX_BIN} --version ({exc}): {install}", pytrace=False)
+    if version.returncode != 0:
+        pytest.fail(f"{CODEX_BIN} --version failed: {version.stderr!r}: {install}", pytrace=False)
+    return str(CODEX_BIN)
+
+
+@pytest.fixture
+def mock_model() -> Iterator[MockResponsesServer]:
+    with MockResponsesServer() as mock:
+        yield mock
+
+
+@pytest.fixture
+def codex_home(mock_model: MockResponsesServer) -> Iterator[Path]:
+    home = HOMES / uuid.uuid4().hex
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text(CONFIG_TOML.format(base_url=mock_model.base_url))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+    try:
+        HOMES.rmdir()  # only when no other test's home is left
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def codex_env(codex_home: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    for name in ("OPENAI_API_KEY", "CODEX_API_KEY", "CODEX_APP_SERVER_COMMAND"):
+        env.pop(name, None)
+    env["CODEX_HOME"] = str(codex_home)
+    env["NO_COLOR"] = "1"
+    return env
+
+
+def codex_args(codex_bin: str) -> List[str]:
+    return ["--backend", "codex", "--codex-command", f"{codex_bin} app-server --strict-config"]
+
+
+@pytest.fixture
+def codex_server(start_server, codex_bin, codex_env) -> Iterator[Callable[..., ServerProcess]]:
+    """Start the server with the Codex backend (over Kafka when given ``topics``).
+
+    Afterwards: SIGTERM (a graceful stop closes Codex's stdin), then SIGKILL by
+    PID any Codex child the server logged that is still alive.
+    """
+    started: List[ServerProcess] = []
+
+    def start(topics: Optional[Topics] = None, **kwargs: Any) -> ServerProcess:
+        args = codex_args(codex_bin) + (topics.server_args() if topics else [])
+        server = start_server(args, env=codex_env, **kwargs)
+        started.append(server)
+        return server.wait_ready() if topics else server
+
+    yield start
+    for server in started:
+        try:
+            server.stop()
+        except AssertionError:
+            pass  # start_server's teardown kills it
+        for pid in logged_codex_pids(server):
+            kill_if(pid, codex_bin)
+
+
+# --- helpers ---------------------------------------------------------------------
+
+def logged_codex_pids(server: ServerProcess) -> List[int]:
+    pids = []
+    for line in server.log.splitlines():
+        if "started codex app-server for" in line and "(pid " in line:
+            pids.append(int(line.rsplit("(pid ", 1)[1].rstrip(")")))
+    return pids
+
+
+def cmdline(pid: int) -> List[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> List[int]:
+    found: List[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def descendants(pid: int) -> List[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def kill_if(pid: int, marker: str) -> None:
+    """SIGKILL ``pid`` if it is alive and still runs something containing ``marker``."""
+    if alive(pid) and any(marker in part for part in cmdline(pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+
+
+def text_input(text: str) -> List[Dict[str, Any]]:
+    return [{"type": "text", "text": text}]
+
+
+def request(client: KafkaClient, msg_id: Any, method: str, params: Any,
+            timeout: float = WAIT) -> Any:
+    """Send a request; return the result of its reply, which must be keyed by its id."""
+    client.send({"id": msg_id, "method": method, "params": params})
+    key, reply = client.reply(msg_id, timeout)
+    assert key == str(msg_id), (key, reply)
+    assert "error" not in reply, reply
+    return reply["result"]
+
+
+def initialize(client: KafkaClient, msg_id: Any = 0) -> Dict[str, Any]:
+    result = request(client, msg_id, "initialize", {"clientInfo": CLIENT_INFO})
+    assert result["userAgent"].startswith(f"pytest/{CODEX_VERSION}"), result
+    return result
+
+
+def notification(client: KafkaClient, method: str, timeout: float = WAIT,
+                 **params: Any) -> Dict[str, Any]:
+    """The first notification ``method`` whose params contain ``params``; it must be unkeyed."""
+    key, value = client.wait_for(
+        lambda k, v: isinstance(v, dict) and v.get("method") == method and "id" not in v
+        and all(v.get("params", {}).get(name) == want for name, want in params.items()),
+        timeout)
+    assert key is None, (key, value)
+    return value["params"]
+
+
+def completed_items(messages: List[Dict[str, Any]], turn_id: str,
+                    item_type: str) -> List[Dict[str, Any]]:
+    return [m["params"]["item"] for m in messages if m.get("method") == "item/completed"
+            and m["params"].get("turnId") == turn_id and m["params"]["item"]["type"] == item_type]
+
+
+def assert_keyed_by_id(client: KafkaClient) -> None:
+    """The output topic's contract: replies and Codex's requests keyed by id, the rest unkeyed."""
+    client.quiet(0.2)
+    assert client.seen, "nothing arrived on the output topic"
+    for key, value in client.seen:
+        want = None if value.get("id") is None else str(value["id"])
+        assert key == want, (key, value)
+
+
+def kafka_messages(client: KafkaClient) -> List[Dict[str, Any]]:
+    return [value for _, value in client.seen]
+
+
+# --- Kafka ---------------------------------------------------------------------
+
+def test_initialize_answers_every_client(codex_server, topics, client, codex_home):
+    server = codex_server(topics)
+    result = initialize(client, 1)
+    assert result["platformOs"] == "linux", result
+    assert result["platformFamily"] == "unix", result
+    assert result["codexHome"] == str(codex_home), result  # the child got our environment
+
+    second = KafkaClient(topics)
+    try:
+        second.send({"id": "second-init", "method": "initialize",
+                     "params": {"clientInfo": {"name": "other", "version": "9.9"}}})
+        key, reply = second.reply("second-init", WAIT)
+        assert key == "second-init", reply
+        assert "error" not in reply, reply  # not Codex's "Already initialized"
+        assert reply["result"] == result
+        assert_keyed_by_id(second)
+    finally:
+        second.close()
+    assert server.log.count("started codex app-server") == 1, server.log
+    assert_keyed_by_id(client)
+
+
+def test_command_exec(codex_server, topics, client):
+    codex_server(topics)
+    initialize(client, 1)
+    result = request(client, 2, "command/exec", {"command": ["echo", "hi"]})
+    assert result["stdout"] == "hi\n", result
+    assert result["exitCode"] == 0, result
+    assert_keyed_by_id(client)
+
+
+def test_thread_start_reply_and_unkeyed_notification(codex_server, topics, client):
+    codex_server(topics)
+    initialize(client, 1)
+    result = request(client, 2, "thread/start", {})
+    thread = result["thread"]
+    assert thread["id"], result
+    assert (thread["model"], thread["modelProvider"]) == ("mock-model", "mock"), thread
+    started = notification(client, "thread/started")
+    assert started["thread"]["id"] == thread["id"], started
+    assert_keyed_by_id(client)
+
+
+def test_turn_streams_agent_message(codex_server, topics, client, mock_model):
+    codex_server(topics)
+    mock_model.add_text(MOCK_TEXT, n_deltas=4)
+    initialize(client, 1)
+    thread_id = request(client, 2, "thread/start", {})["thread"]["id"]
+    turn = request(client, 3, "turn/start", {"threadId": thread_id,
+                                             "input": text_input("say hello")})["turn"]
+    done = notification(client, "turn/completed", threadId=thread_id)
+    assert done["turn"]["id"] == turn["id"], done
+    assert done["turn"]["status"] == "completed", done
+
+    messages = kafka_messages(client)
+    deltas = [m["params"]["delta"] for m in messages if m.get("method") ==
+              "item/agentMessage/delta" and m["params"]["turnId"] == turn["id"]]
+    assert len(deltas) == 4, deltas
+    assert "".join(deltas) == MOCK_TEXT
+    methods = [m.get("method") for m in messages]
+    last_delta = max(i for i, method in enumerate(methods) if method == "item/agentMessage/delta")
+    assert last_delta < methods.index("turn/completed"), methods  # Kafka kept Codex's order
+    agent = completed_items(messages, turn["id"], "agentMessage")
+    assert [item["text"] for item in agent] == [MOCK_TEXT], agent
+    model_request = mock_model.wait_for_requests(1)[0]
+    assert model_request.user_texts()[-1] == "say hello"
+    assert_keyed_by_id(client)
+
+
+@pytest.mark.parametrize("decision, status, output, told_model", [
+    ("accept", "completed", "42\n", "42"),
+    ("decline", "declined", None, "rejected"),
+])
+def test_command_approval(codex_server, topics, client, mock_model, decision, status, output,
+                          told_model):
+    codex_server(topics)
+    mock_model.add_exec_command("echo 42")
+    mock_model.add_text(f"You chose {decision}.", n_deltas=2)
+    initialize(client, 1)
+    started = request(client, 2, "thread/start", {"approvalPolicy": "untrusted"})
+    assert started["approvalPolicy"] == "untrusted", started
+    thread_id = started["thread"]["id"]
+    turn = request(client, 3, "turn/start", {"threadId": thread_id,
+                                             "input": text_input("run echo 42")})["turn"]
+
+    key, ask = client.wait_for(lambda k, v: v.get("method") ==
+                               "item/commandExecution/requestApproval" and "id" in v, WAIT)
+    assert isinstance(ask["id"], int) and key == str(ask["id"]), (key, ask)
+    assert ask["params"]["threadId"] == thread_id, ask
+    assert "echo 42" in ask["params"]["command"], ask
+    client.send({"id": ask["id"], "result": {"decision": decision}})
+
+    resolved = notification(client, "serverRequest/resolved", threadId=thread_id)
+    assert resolved["requestId"] == ask["id"], resolved
+    done = notification(client, "turn/completed", threadId=thread_id)
+    assert done["turn"]["status"] == "completed", done
+    messages = kafka_messages(client)
+    command = completed_items(messages, turn["id"], "commandExecution")
+    assert len(command) == 1, command
+    assert command[0]["status"] == status, command
+    assert command[0]["aggregatedOutput"] == output, command
+    agent = completed_items(messages, turn["id"], "agentMessage")
+    assert [item["text"] for item in agent] == [f"You chose {decision}."], agent
+    follow_up = mock_model.wait_for_requests(2)[1]
+    assert any(told_model in text for text in follow_up.function_call_outputs()), \
+        follow_up.function_call_outputs()
+    assert_keyed_by_id(client)
+
+
+def test_two_clients_same_request_id(codex_server, topics, client):
+    codex_server(topics)
+    initialize(client, 0)
+    other = KafkaClient(topics)
+    try:
+        client.send({"id": 1, "method": "command/exec", "params": {"command": ["echo", "a"]}})
+        other.send({"id": 1, "method": "command/exec", "params": {"command": ["echo", "b"]}})
+
+        def replies_to_1():
+            client.poll()
+            found = [(k, v) for k, v in client.seen if "method" not in v and v.get("id") == 1]
+            return found if len(found) >= 2 else None
+
+        replies = wait_until(replies_to_1, WAIT, f"two replies with id 1 in {client.seen}")
+        client.quiet(0.5)
+        replies = [(k, v) for k, v in client.seen if "method" not in v and v.get("id") == 1]
+        assert [key for key, _ in replies] == ["1", "1"], replies
+        assert all("error" not in value for _, value in replies), replies
+        assert sorted(value["result"]["stdout"] for _, value in replies) == ["a\n", "b\n"]
+        # The other client sees the same output topic.
+        _, other_reply = other.reply(1, WAIT)
+        assert other_reply["result"]["stdout"] in ("a\n", "b\n"), other_reply
+    finally:
+        other.close()
+    assert_keyed_by_id(client)
+
+
+def test_codex_killed_fails_pending_then_restarts(codex_server, topics, client, codex_bin):
+    server = codex_server(topics)
+    initialize(client, 1)
+    codex_pids = [pid for pid in children(server.process.pid) if cmdline(pid)[:1] == [codex_bin]]
+    assert len(codex_pids) == 1, (codex_pids, children(server.process.pid))
+    codex_pid = codex_pids[0]
+    assert logged_codex_pids(server) == [codex_pid], server.log
+    leftovers: List[int] = []
+    try:
+        client.send({"id": 2, "method": "command/exec",
+                     "params": {"command": ["sleep", "37"], "timeoutMs": 60000}})
+        # The request is pending inside Codex once its sleep runs.
+        sleeps = wait_until(lambda: [pid for pid in descendants(codex_pid)
+                                     if cmdline(pid)[:2] == ["sleep", "37"]],
+                            WAIT, "codex did not start `sleep 37`")
+        leftovers = descendants(codex_pid)
+        os.kill(codex_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        key, reply = client.reply(2, WAIT)
+        assert key == "2", (key, reply)
+        assert reply["error"]["code"] == -32603, reply
+        assert "signal 9" in reply["error"]["message"], reply
+        assert time.monotonic() - killed_at < 20, "the error waited for the orphaned sleep"
+        assert sleeps  # (found above)
+
+        result = request(client, 3, "command/exec", {"command": ["echo", "after"]})
+        assert result == {"exitCode": 0, "stdout": "after\n", "stderr": ""}, result
+        pids = logged_codex_pids(server)
+        assert len(pids) == 2 and pids[1] != codex_pid, server.log
+        # A later initialize is answered from the first result, not "Already initialized".
+        again = request(client, 4, "initialize", {"clientInfo": CLIENT_INFO})
+        assert again["userAgent"].startswith(f"pytest/{CODEX_VERSION}"), again
+    finally:
+        for pid in leftovers:
+            kill_if(pid, "sleep")
+    assert_keyed_by_id(client)
+
+
+# --- stdio ---------------------------------------------------------------------
+
+class StdioClient:
+    """Lines to the server's stdin; its stdout read by a thread into a queue."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.lines: "queue.Queue[Any]" = queue.Queue()
+        self.seen: List[Dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True, name="stdio-reader").start()
+
+    def _read(self) -> None:
+        for line in iter(self.server.process.stdout.readline, b""):
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def send(self, message: Dict[str, Any]) -> None:
+        self.server.process.stdin.write(json.dumps(message).encode() + b"\n")
+        self.server.process.stdin.flush()
+
+    def wait_for(self, predicate: Callable[[Dict[str, Any]], bool],
+                 timeout: float = WAIT) -> Dict[str, Any]:
+        for message in self.seen:
+            if predicate(message):
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no matching line within {timeout} s; seen: "
+                                     f"{self.seen[-20:]}\n{self.server.log}") from None
+            assert line is not None, f"server stdout closed; seen: {self.seen[-20:]}"
+            message = json.loads(line)  # every stdout line is one JSON message
+            self.seen.append(message)
+            if predicate(message):
+                return message
+
+    def request(self, msg_id: Any, method: str, params: Any) -> Any:
+        self.send({"id": msg_id, "method": method, "params": params})
+        reply = self.wait_for(lambda m: "method" not in m and m.get("id") == msg_id)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+
+def test_turn_over_stdio(codex_server, mock_model):
+    server = codex_server(stdin=subprocess.PIPE)
+    stdio = StdioClient(server)
+    mock_model.add_text(MOCK_TEXT, n_deltas=3)
+    init = stdio.request(1, "initialize", {"clientInfo": CLIENT_INFO})
+    assert init["userAgent"].startswith(f"pytest/{CODEX_VERSION}"), init
+    thread_id = stdio.request("thread", "thread/start", {})["thread"]["id"]
+    turn = stdio.request(3, "turn/start", {"threadId": thread_id,
+                                           "input": text_input("say hello")})["turn"]
+    done = stdio.wait_for(lambda m: m.get("method") == "turn/completed"
+                          and m["params"]["threadId"] == thread_id)
+    assert done["params"]["turn"]["id"] == turn["id"], done
+    assert done["params"]["turn"]["status"] == "completed", done
+    deltas = [m["params"]["delta"] for m in stdio.seen
+              if m.get("method") == "item/agentMessage/delta"]
+    assert "".join(deltas) == MOCK_TEXT, deltas
+    agent = completed_items(stdio.seen, turn["id"], "agentMessage")
+    assert [item["text"] for item in agent] == [MOCK_TEXT], agent
+
+    server.process.stdin.close()  # stdio only: EOF shuts the server down
+    assert server.process.wait(WAIT) == 0, server.log
+    codex_pid = logged_codex_pids(server)[0]
+    wait_until(lambda: not alive(codex_pid), 10, "codex child outlived the server")
+
+
+def test_codex_not_found(start_server, codex_env, topics):
+    server = start_server(["--backend", "codex", "--codex-command", "/nonexistent/codex app-server",
+                           *topics.server_args()], env=codex_env)
+    assert server.process.wait(WAIT) == 2, server.log
+    assert "npm install -g @openai/codex" in server.log, server.log
+    assert "/nonexistent/codex" in server.log, server.log
+    assert server.process.stdout.read() == b""

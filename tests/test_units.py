@@ -1,0 +1,255 @@
+"""Unit tests: CLI validation, JSON-RPC envelopes, keying, -X mapping, builtin backend, docs."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+import codex_app_server as app
+import kafka_transport as rpc
+from conftest import ROOT, SERVER
+
+REQUIRED = {"--kafka-bootstrap-servers": "127.0.0.1:9092", "--kafka-input-topic": "in",
+            "--kafka-output-topic": "out", "--kafka-group-id": "g"}
+
+
+def parse(argv):
+    return app.parse_args(app.build_parser(), argv)
+
+
+def kafka_argv(**overrides):
+    values = dict(REQUIRED, **overrides)
+    argv = []
+    for flag, value in values.items():
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
+def usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# --- CLI ---------------------------------------------------------------------
+
+def test_no_kafka_flag_means_stdio_only():
+    args = parse([])
+    assert args.stdio and not args.kafka
+    assert args.backend == "codex"
+    assert args.kafka_offset_reset == "latest"
+
+
+def test_kafka_flags_without_stdio_turn_stdio_off():
+    args = parse(kafka_argv())
+    assert args.kafka and not args.stdio
+    assert args.kafka_client_id == "codex-app-server"
+    assert parse(kafka_argv() + ["--stdio"]).stdio
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_each_missing_required_flag_is_named(missing, capsys):
+    err = usage_error(kafka_argv(**{missing: None}), capsys)
+    assert "usage:" in err and missing in err
+    for other in set(REQUIRED) - {missing}:
+        assert other not in err.split("error:")[1]
+
+
+def test_every_missing_flag_is_named_at_once(capsys):
+    err = usage_error(["--kafka-client-id", "x"], capsys)
+    assert all(flag in err.split("error:")[1] for flag in REQUIRED)
+
+
+@pytest.mark.parametrize("flag", sorted(REQUIRED) + ["--kafka-client-id"])
+def test_empty_values_are_refused(flag, capsys):
+    err = usage_error(kafka_argv(**{flag: ""}), capsys)
+    assert flag in err and ("empty" in err or "not" in err)
+
+
+def test_same_input_and_output_topic_is_refused(capsys):
+    err = usage_error(kafka_argv(**{"--kafka-output-topic": "in"}), capsys)
+    assert "must differ" in err
+
+
+def test_illegal_topic_and_server_are_refused(capsys):
+    assert "legal Kafka topic" in usage_error(kafka_argv(**{"--kafka-input-topic": "a b"}), capsys)
+    assert "HOST:PORT" in usage_error(kafka_argv(**{"--kafka-bootstrap-servers": "nohost"}),
+                                      capsys)
+
+
+def test_kafka_property_maps_and_rejects(capsys):
+    args = parse(kafka_argv() + ["-X", "session.timeout.ms=2000", "--kafka-property",
+                                 "linger.ms=5"])
+    assert args.kafka_properties == {"session.timeout.ms": "2000", "linger.ms": "5"}
+    err = usage_error(kafka_argv() + ["-X", "no.such.key=1", "-X", "fetch.wait.max.ms=soon"],
+                      capsys)
+    assert "no.such.key: unknown property" in err
+    assert "fetch.wait.max.ms='soon': expected a whole number" in err
+    assert "not settable" in usage_error(kafka_argv() + ["-X", "enable.auto.commit=true"], capsys)
+    assert "KEY=VALUE" in usage_error(kafka_argv() + ["-X", "novalue"], capsys)
+
+
+def test_a_kafka_property_alone_enables_kafka(capsys):
+    err = usage_error(["-X", "linger.ms=1"], capsys)
+    assert "--kafka-bootstrap-servers" in err
+
+
+def test_version_flag():
+    out = subprocess.run([sys.executable, SERVER, "--version"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == f"codex-app-server {app.__version__}"
+
+
+def test_stdio_only_does_not_import_kafka():
+    # The two files must work for stdio without kafka-python installed.
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name == 'kafka' or name.startswith('kafka.'): raise ImportError(name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            f"sys.argv = ['x', '--backend', 'builtin']; sys.path.insert(0, {str(ROOT)!r})\n"
+            "import codex_app_server; sys.exit(codex_app_server.main())\n")
+    out = subprocess.run([sys.executable, "-c", code], input=b'{"id":1,"method":"noop"}\n',
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+
+
+# --- envelopes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("message, kind", [
+    ({"jsonrpc": "2.0", "id": 1, "method": "noop", "params": {}}, rpc.REQUEST),
+    ({"id": "a", "method": "noop"}, rpc.REQUEST),
+    ({"method": "initialized"}, rpc.NOTIFICATION),
+    ({"id": 0, "result": {}}, rpc.RESPONSE),
+    ({"id": 3, "error": {"code": -1, "message": "no"}}, rpc.ERROR),
+])
+def test_valid_messages_are_classified(message, kind):
+    assert rpc.kind(rpc.decode(json.dumps(message).encode())) == kind
+
+
+@pytest.mark.parametrize("payload, code, answer_id, reason", [
+    (b"\xff\xfe", rpc.PARSE_ERROR, None, "not UTF-8"),
+    (b"{nope", rpc.PARSE_ERROR, None, "invalid JSON"),
+    (b"", rpc.PARSE_ERROR, None, "empty"),
+    (b"[" * 10000 + b"]" * 10000, rpc.PARSE_ERROR, None, "nested too deeply"),
+    (b"42", rpc.INVALID_REQUEST, None, "must be an object"),
+    (b"[1]", rpc.INVALID_REQUEST, None, "must be an object"),
+    (b'{"id":5,"foo":1}', rpc.INVALID_REQUEST, 5, 'no "method"'),
+    (b'{"id":5,"method":7}', rpc.INVALID_REQUEST, 5, '"method" must be a string'),
+    (b'{"id":{},"method":"x"}', rpc.INVALID_REQUEST, None, '"id" must be'),
+    (b'{"id":true,"method":"x"}', rpc.INVALID_REQUEST, None, '"id" must be'),
+    (b'{"id":"q","method":"x","params":3}', rpc.INVALID_PARAMS, "q", '"params"'),
+    (b'{"jsonrpc":"1.0","id":2,"method":"x"}', rpc.INVALID_REQUEST, 2, '"jsonrpc"'),
+    (b'{"result":{}}', rpc.INVALID_REQUEST, None, 'needs an "id"'),
+    (b'{"id":1,"error":"bad"}', rpc.INVALID_REQUEST, 1, '"error" must be'),
+])
+def test_invalid_payloads_say_why(payload, code, answer_id, reason):
+    with pytest.raises(rpc.InvalidMessage) as info:
+        rpc.decode(payload)
+    assert info.value.code == code
+    assert info.value.id == answer_id
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize("message, key", [
+    ({"id": 1, "result": {}}, b"1"),
+    ({"id": -12, "error": {"code": 1, "message": "x"}}, b"-12"),
+    ({"id": "req-\u00e9", "result": {}}, "req-\u00e9".encode()),
+    ({"id": 0, "method": "item/commandExecution/requestApproval", "params": {}}, b"0"),
+    ({"method": "thread/started", "params": {}}, None),
+    ({"id": None, "error": {"code": -32700, "message": "x"}}, None),
+])
+def test_reply_keys(message, key):
+    assert rpc.reply_key(message) == key
+
+
+def test_encode_is_compact_utf8():
+    assert rpc.encode({"id": 1, "result": {"t": "\u00e9"}}) == '{"id":1,"result":{"t":"\u00e9"}}'.encode()
+
+
+def test_client_config_maps_librdkafka_names():
+    consumer, producer = rpc.client_config({
+        "session.timeout.ms": "6000", "fetch.wait.max.ms": "10", "linger.ms": "5",
+        "message.max.bytes": "2000000", "acks": "all", "client.id": "c",
+        "compression.type": "gzip", "auto.offset.reset": "smallest"})
+    assert consumer == {"session_timeout_ms": 6000, "fetch_max_wait_ms": 10, "client_id": "c",
+                        "auto_offset_reset": "earliest"}
+    assert producer == {"linger_ms": 5, "max_request_size": 2000000, "acks": "all",
+                        "client_id": "c", "compression_type": "gzip"}
+
+
+def test_client_config_hides_secret_values_in_errors():
+    with pytest.raises(ValueError) as info:
+        rpc.client_config({"sasl.mechanism": "hunter2-mech", "ssl.key.password": "x"})
+    assert "hunter2-mech" in str(info.value)  # not a secret: shown
+    with pytest.raises(ValueError) as info:
+        rpc.client_config({"linger.ms": "-1"})
+    assert "negative" in str(info.value)
+
+
+def test_every_property_maps_to_a_real_kafka_python_argument():
+    from kafka import KafkaConsumer, KafkaProducer
+    for key, (scope, argument, _) in rpc.PROPERTIES.items():
+        if scope in (rpc.CONSUMER, rpc.BOTH):
+            assert argument in KafkaConsumer.DEFAULT_CONFIG, key
+        if scope in (rpc.PRODUCER, rpc.BOTH):
+            assert argument in KafkaProducer.DEFAULT_CONFIG, key
+
+
+# --- builtin backend -----------------------------------------------------------
+
+class Recorder:
+    name = "test"
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def test_builtin_backend_answers():
+    transport = Recorder()
+    backend = app.BuiltinBackend(transport)
+    backend.handle({"id": 1, "method": "initialize", "params": {}})
+    backend.handle({"id": "n", "method": "noop", "params": {}})
+    backend.handle({"id": 2, "method": "thread/start", "params": {}})
+    backend.handle({"method": "initialized"})
+    backend.handle({"id": 9, "result": {}})
+    init, noop, unknown = transport.sent
+    assert init["id"] == 1
+    assert init["result"]["userAgent"] == f"codex-app-server/{app.__version__} (python)"
+    assert init["result"]["platformFamily"] == "unix"
+    assert init["result"]["platformOs"] == "linux"
+    assert noop == {"jsonrpc": "2.0", "id": "n", "result": {}}
+    assert unknown["id"] == 2 and unknown["error"]["code"] == rpc.METHOD_NOT_FOUND
+
+
+# --- docs match the CLI ----------------------------------------------------------
+
+def help_flags():
+    text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True,
+                          timeout=30).stdout
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+|-[A-Za-z])\b", text)) - {"-h"}
+
+
+def test_every_help_flag_is_documented_and_every_documented_flag_exists():
+    doc = (ROOT / "docs" / "kafka.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    flags = help_flags()
+    assert {"--kafka-bootstrap-servers", "-X", "--stdio", "--backend"} <= flags
+    for flag in flags:
+        assert re.search(rf"`{re.escape(flag)}\b", doc), f"{flag} missing from docs/kafka.md"
+    # Flags in the CLI table and examples of the docs must exist (other tools' flags are
+    # quoted in other sections and tagged by their command).
+    table = doc.split("## 2.")[1].split("## 3.")[0]
+    documented = set(re.findall(r"`(--[a-z][a-z0-9-]+|-X)\b", table))
+    assert documented, "the CLI section lists no flags"
+    assert documented <= flags | {"--help"}, documented - flags
+    for flag in re.findall(r"codex-app-server[^\n`]*?((?:--[a-z][a-z0-9-]+))", readme):
+        assert flag in flags, f"README uses unknown flag {flag}"
