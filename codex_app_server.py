@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import kafka_transport as rpc
 
@@ -32,10 +32,12 @@ __version__ = "0.1.0"
 log = logging.getLogger("codex_app_server")
 
 Message = Dict[str, Any]
+Pending = Tuple[Message, rpc.Done]  # a client's request and its transport acknowledgement
 
 KAFKA_REQUIRED = ("kafka_bootstrap_servers", "kafka_input_topic", "kafka_output_topic",
                   "kafka_group_id")
-KAFKA_FLAGS = KAFKA_REQUIRED + ("kafka_client_id", "kafka_offset_reset", "kafka_property")
+KAFKA_FLAGS = KAFKA_REQUIRED + ("kafka_client_id", "kafka_offset_reset", "kafka_property",
+                                "kafka_max_message_bytes", "kafka_dead_letter_topic")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 
 
@@ -45,7 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(parser, argv)
     configure_logging(args.log_level)
     backend_factory = backend_factory_for(args, parser)
-    server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout)
+    server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
+                    queue_size=args.queue_size)
     if args.kafka:
         server.add_kafka(args)
     if args.stdio:
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="client id of consumer and producer (default: codex-app-server)")
     kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
                        help="where a group without committed offsets starts (default: latest)")
+    kafka.add_argument("--kafka-max-message-bytes", metavar="BYTES", type=_positive_int,
+                       help="largest record the server produces; a larger reply becomes a "
+                            "JSON-RPC error (default: 1048576)")
+    kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
+                       help="send every unusable input record here, unchanged, with headers "
+                            "naming its origin and the reason")
     kafka.add_argument("-X", "--kafka-property", metavar="KEY=VALUE", action="append",
                        type=_property,
                        help="librdkafka/Java client property, e.g. session.timeout.ms=10000 "
@@ -89,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codex-command", metavar="COMMAND",
                         help="command line of the Codex child (default: $CODEX_APP_SERVER_COMMAND "
                              f"or '{DEFAULT_CODEX_COMMAND}')")
+    parser.add_argument("--builtin-delay", metavar="SECONDS", type=_seconds, default=0.0,
+                        help="builtin backend: wait this long before each reply, to load-test "
+                             "a transport against a slow backend (default: 0)")
+    parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=1000,
+                        help="messages the processor queue holds; when full, Kafka partitions "
+                             "are paused and stdin is not read (default: 1000)")
     parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=_seconds, default=30.0,
                         help="how long shutdown waits for in-flight work (default: 30)")
     parser.add_argument("--log-level", default="INFO",
@@ -120,6 +135,10 @@ def parse_args(parser: argparse.ArgumentParser,
         args.stdio = True
     args.kafka_client_id = args.kafka_client_id or "codex-app-server"
     args.kafka_offset_reset = args.kafka_offset_reset or "latest"
+    args.kafka_max_message_bytes = args.kafka_max_message_bytes or 1024 * 1024
+    if args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
+            args.kafka_input_topic, args.kafka_output_topic):
+        parser.error("--kafka-dead-letter-topic must differ from the input and output topics")
     return args
 
 
@@ -144,6 +163,16 @@ def _topic(text: str) -> str:
             f"{text!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; "
             "at most 249)")
     return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _property(text: str) -> tuple:
@@ -175,10 +204,11 @@ def configure_logging(level: str) -> None:
 class Server:
     """Owns the transports, the processor and the shutdown sequence."""
 
-    def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0):
+    def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
+                 queue_size: int = 1000):
         self.shutdown_event = threading.Event()
         self.shutdown_timeout = shutdown_timeout
-        self.processor = Processor(backend_factory)
+        self.processor = Processor(backend_factory, queue_size)
         self.transports: List[Any] = []
         self._signals = 0
         self._failed = False
@@ -186,8 +216,10 @@ class Server:
     def add_kafka(self, args: argparse.Namespace) -> None:
         transport = rpc.KafkaTransport(
             args.kafka_bootstrap_servers, args.kafka_input_topic, args.kafka_output_topic,
-            args.kafka_group_id, self.processor.submit, client_id=args.kafka_client_id,
-            offset_reset=args.kafka_offset_reset, properties=args.kafka_properties)
+            args.kafka_group_id, self.processor, client_id=args.kafka_client_id,
+            offset_reset=args.kafka_offset_reset, properties=args.kafka_properties,
+            max_message_bytes=args.kafka_max_message_bytes,
+            dead_letter_topic=args.kafka_dead_letter_topic)
         self.transports.append(transport)
 
     def add_stdio(self) -> None:
@@ -265,21 +297,40 @@ class Server:
 
 
 class Processor:
-    """One queue of (transport, message); each message to its transport's backend."""
+    """One bounded queue of (transport, message, done); each message to its transport's backend.
+
+    ``done`` is the transport's acknowledgement: a request's backend passes it
+    along with the reply; for anything else it runs once the backend has it.
+    """
 
     _STOP = object()
 
-    def __init__(self, backend_factory: "BackendFactory"):
+    def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000):
         self._factory = backend_factory
         self._queue: "queue.Queue[Any]" = queue.Queue()
+        # Slots bound the queue; the stop marker needs none, so stop() never blocks.
+        self._slots = threading.Semaphore(queue_size)
+        self._low_water = max(1, queue_size // 2)
         self._backends: Dict[Any, Backend] = {}
 
     def register(self, transport: Any) -> None:
         self._backends[transport] = self._factory(transport)
 
-    def submit(self, transport: Any, message: Message) -> None:
-        """Called by transport threads: queue one validated message."""
-        self._queue.put((transport, message))
+    def submit(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing) -> None:
+        """Queue one validated message, waiting for room (stdio's backpressure)."""
+        self._slots.acquire()
+        self._queue.put((transport, message, done))
+
+    def offer(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing) -> bool:
+        """Queue one message if there is room; False when full (Kafka pauses then)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._queue.put((transport, message, done))
+        return True
+
+    def has_room(self) -> bool:
+        """Below the low-water mark: a paused transport may resume."""
+        return self._queue.qsize() < self._low_water
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -289,14 +340,19 @@ class Processor:
             item = self._queue.get()
             if item is self._STOP:
                 return
-            transport, message = item
+            self._slots.release()
+            transport, message, done = item
+            kind = rpc.kind(message)
             try:
-                self._backends[transport].handle(message)
+                self._backends[transport].handle(message, done)
             except Exception:
-                log.exception("backend failed on a %s message", rpc.kind(message))
-                if rpc.kind(message) == rpc.REQUEST:
+                log.exception("backend failed on a %s message", kind)
+                if kind == rpc.REQUEST:
                     transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR,
-                                                      "internal error in codex-app-server"))
+                                                      "internal error in codex-app-server"), done)
+                    continue
+            if kind != rpc.REQUEST:
+                done()
 
     def stop(self) -> None:
         """Finish what is queued, then return from serve_forever."""
@@ -346,7 +402,7 @@ class StdioTransport:
         if not self._shutdown.is_set():
             self._on_eof()
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
         data = rpc.encode(message) + b"\n"
         with self._write_lock:
             try:
@@ -354,6 +410,7 @@ class StdioTransport:
                 self._stdout.flush()
             except (BrokenPipeError, ValueError, OSError) as exc:
                 log.warning("failed to write to stdout: %s", exc)
+        done()
 
     def shutdown(self) -> None:
         self._shutdown.set()
@@ -370,7 +427,9 @@ class Backend:
     def __init__(self, transport: Any):
         self.transport = transport
 
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message, done: rpc.Done) -> None:
+        """Take one message.  For a request, pass ``done`` to ``transport.send`` with the
+        reply; for anything else the processor calls it."""
         raise NotImplementedError
 
     def close(self, deadline: float) -> None:
@@ -383,24 +442,30 @@ BackendFactory = Callable[[Any], Backend]
 class BuiltinBackend(Backend):
     """Answers ``initialize`` and ``noop`` in-process: transport smoke tests without Codex."""
 
-    def handle(self, message: Message) -> None:
+    def __init__(self, transport: Any, delay: float = 0.0):
+        super().__init__(transport)
+        self.delay = delay
+
+    def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
         kind = rpc.kind(message)
         if kind == rpc.REQUEST:
+            if self.delay:
+                time.sleep(self.delay)
             method = message["method"]
             if method == "initialize":
-                self._reply(message, {"userAgent": f"codex-app-server/{__version__} (python)",
+                self._reply(message, done, {"userAgent": f"codex-app-server/{__version__} (python)",
                                       "platformFamily": "windows" if os.name == "nt" else "unix",
                                       "platformOs": _platform_os()})
             elif method == "noop":
-                self._reply(message, {})
+                self._reply(message, done, {})
             else:
                 self.transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
-                                                       f"Method not found: {method}"))
+                                                       f"Method not found: {method}"), done)
         elif kind in (rpc.RESPONSE, rpc.ERROR):
             log.debug("builtin backend: ignoring a client %s for id %r", kind, message.get("id"))
 
-    def _reply(self, request: Message, result: Any) -> None:
-        self.transport.send({"jsonrpc": "2.0", "id": request["id"], "result": result})
+    def _reply(self, request: Message, done: rpc.Done, result: Any) -> None:
+        self.transport.send({"jsonrpc": "2.0", "id": request["id"], "result": result}, done)
 
 
 class CodexBackend(Backend):
@@ -413,30 +478,35 @@ class CodexBackend(Backend):
     client's answers pass through unchanged: their ids are Codex's.
     """
 
-    def __init__(self, transport: Any, argv: Sequence[str]):
+    def __init__(self, transport: Any, argv: Sequence[str], max_in_flight: int = 1000):
         super().__init__(transport)
         self._argv = list(argv)
+        self._max_in_flight = max_in_flight
         self._lock = threading.Condition()
         self._child: Optional[subprocess.Popen] = None
         self._next_id = 1
-        self._pending: Dict[int, Message] = {}  # our id -> the client's request
+        self._pending: Dict[int, Pending] = {}  # our id -> the client's request
         self._init_params: Optional[Any] = None
         self._init_result: Optional[Any] = None
-        self._init_waiting: List[Message] = []  # initialize requests waiting for the first one
+        self._init_waiting: List[Pending] = []  # initialize requests waiting for the first one
 
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
         kind = rpc.kind(message)
         if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
-                message):
+                message, done):
             return
-        child = self._ensure_child(message)
+        child = self._ensure_child(message, done)
         if child is None:
             return
         if kind == rpc.REQUEST:
             with self._lock:
+                # Backpressure: a slow Codex holds the processor, so the queue fills and
+                # the transports stop reading, instead of requests piling up here.
+                while len(self._pending) >= self._max_in_flight and self._child is child:
+                    self._lock.wait(1.0)
                 our_id = self._next_id
                 self._next_id += 1
-                self._pending[our_id] = message
+                self._pending[our_id] = (message, done)
                 if message["method"] == "initialize":
                     self._init_params = message.get("params", {})
             message = dict(message, id=our_id)
@@ -469,39 +539,39 @@ class CodexBackend(Backend):
 
     # Requests and replies --------------------------------------------------
 
-    def _answer_initialize(self, request: Message) -> bool:
+    def _answer_initialize(self, request: Message, done: rpc.Done) -> bool:
         """Answer a repeated ``initialize`` ourselves; False sends it on to Codex."""
         with self._lock:
             if self._init_result is not None:
                 result = self._init_result
             elif self._init_params is not None:
-                self._init_waiting.append(request)
+                self._init_waiting.append((request, done))
                 return True
             else:
                 return False
-        self.transport.send({"id": request["id"], "result": result})
+        self.transport.send({"id": request["id"], "result": result}, done)
         return True
 
     def _from_child(self, message: Message) -> None:
         kind = rpc.kind(message)
         if kind in (rpc.RESPONSE, rpc.ERROR):
             with self._lock:
-                request = self._pending.pop(message["id"], None)
+                pending = self._pending.pop(message["id"], None)
                 self._lock.notify_all()
-            if request is None:
+            if pending is None:
                 log.warning("codex answered id %r, which no client asked", message["id"])
                 return
-            waiting = self._initialized(request, message) if request["method"] == "initialize" \
-                else []
+            request, done = pending
+            waiting = self._initialized(message) if request["method"] == "initialize" else []
             if request.get("id") is None:
                 return  # our own replayed initialize
-            self.transport.send(dict(message, id=request["id"]))
-            for other in waiting:
-                self.transport.send(dict(message, id=other["id"]))
+            self.transport.send(dict(message, id=request["id"]), done)
+            for other, other_done in waiting:
+                self.transport.send(dict(message, id=other["id"]), other_done)
         else:
             self.transport.send(message)
 
-    def _initialized(self, request: Message, reply: Message) -> List[Message]:
+    def _initialized(self, reply: Message) -> List[Pending]:
         with self._lock:
             waiting, self._init_waiting = self._init_waiting, []
             if "result" in reply:
@@ -512,7 +582,7 @@ class CodexBackend(Backend):
 
     # The child process -------------------------------------------------
 
-    def _ensure_child(self, message: Message) -> Optional[subprocess.Popen]:
+    def _ensure_child(self, message: Message, done: rpc.Done) -> Optional[subprocess.Popen]:
         with self._lock:
             if self._child is not None and self._child.poll() is None:
                 return self._child
@@ -525,7 +595,8 @@ class CodexBackend(Backend):
             log.error("cannot start codex app-server (%s): %s", " ".join(self._argv), exc)
             if rpc.kind(message) == rpc.REQUEST:
                 self.transport.send(rpc.error_response(
-                    message["id"], rpc.INTERNAL_ERROR, f"cannot start codex app-server: {exc}"))
+                    message["id"], rpc.INTERNAL_ERROR, f"cannot start codex app-server: {exc}"),
+                    done)
             return None
         log.info("started codex app-server for %s (pid %d)", self.transport.name, child.pid)
         with self._lock:
@@ -534,7 +605,7 @@ class CodexBackend(Backend):
             if replay is not None:
                 our_id = self._next_id
                 self._next_id += 1
-                self._pending[our_id] = {"method": "initialize"}
+                self._pending[our_id] = ({"method": "initialize"}, rpc.nothing)
         threading.Thread(target=self._read_stdout, args=(child,), daemon=True,
                          name=f"codex-{child.pid}-stdout").start()
         threading.Thread(target=self._read_stderr, args=(child,), daemon=True,
@@ -586,11 +657,11 @@ class CodexBackend(Backend):
                       child.pid, how, len(orphans) + len(waiting))
         else:
             log.info("codex app-server (pid %d) exited with %s", child.pid, how)
-        for request in list(orphans.values()) + waiting:
+        for request, done in list(orphans.values()) + waiting:
             if request.get("id") is not None:
                 self.transport.send(rpc.error_response(
                     request["id"], rpc.INTERNAL_ERROR,
-                    f"codex app-server exited with {how} before answering"))
+                    f"codex app-server exited with {how} before answering"), done)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -607,7 +678,7 @@ def _platform_os() -> str:
 def backend_factory_for(args: argparse.Namespace,
                         parser: argparse.ArgumentParser) -> BackendFactory:
     if args.backend == "builtin":
-        return BuiltinBackend
+        return lambda transport: BuiltinBackend(transport, args.builtin_delay)
     command = args.codex_command or os.environ.get("CODEX_APP_SERVER_COMMAND") \
         or DEFAULT_CODEX_COMMAND
     try:
@@ -619,7 +690,7 @@ def backend_factory_for(args: argparse.Namespace,
                      "'npm install -g @openai/codex', or point --codex-command (or "
                      "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
                      "--backend builtin for transport smoke tests.")
-    return lambda transport: CodexBackend(transport, argv)
+    return lambda transport: CodexBackend(transport, argv, max_in_flight=args.queue_size)
 
 
 if __name__ == "__main__":

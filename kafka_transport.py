@@ -10,15 +10,18 @@ Public entry points, in reading order:
   the JSON-RPC envelope, shared by every transport.
 * ``client_config``: librdkafka/Java property names (``-X key=value``) mapped
   onto kafka-python's keyword arguments.
-* ``KafkaTransport``: consumes the input topic into a caller's ``submit``
-  callable and produces replies to the output topic.
+* ``KafkaTransport``: consumes the input topic into a caller's sink (the
+  processor) and produces replies to the output topic, at least once.
 """
 
+import collections
+import functools
+import heapq
 import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 log = logging.getLogger("kafka_transport")
 
@@ -262,6 +265,7 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "max.in.flight.requests.per.connection": (PRODUCER, "max_in_flight_requests_per_connection",
                                               _integer),
     "delivery.timeout.ms": (PRODUCER, "delivery_timeout_ms", _integer),
+    "max.block.ms": (PRODUCER, "max_block_ms", _integer),
     "message.timeout.ms": (PRODUCER, "delivery_timeout_ms", _integer),
 }
 
@@ -309,105 +313,206 @@ def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[s
 
 # --- the transport --------------------------------------------------------
 
-Submit = Callable[["KafkaTransport", Message], None]
+Done = Callable[[], None]
+
+
+def nothing() -> None:
+    """The ``done`` of a message that needs no acknowledgement."""
 
 
 class KafkaTransport:
-    """One Kafka connection: input topic -> ``submit``; ``send`` -> output topic.
+    """One Kafka connection: input topic -> ``sink``; ``send`` -> output topic.
+
+    Delivery is at-least-once.  Every record is handed on with a ``done``
+    callback; its offset is committed only when it and every earlier record of
+    its partition are done.  Whoever answers a request calls ``send(reply,
+    done)``, and ``done`` runs when the broker acknowledged the reply.
+
+    ``sink`` is the processor: ``sink.offer(transport, message, done) -> bool``
+    takes a message or says it is full; ``sink.has_room() -> bool`` says it is
+    below its low-water mark.  While it is full the partitions are paused, and
+    polling goes on so the group membership stays alive.
 
     ``serve_forever`` runs the consumer loop in the calling thread (the only
-    thread that touches the consumer, which is not thread-safe); ``send`` may be
-    called from any thread.  ``shutdown`` stops intake; ``close`` flushes the
-    producer, commits and closes the consumer.
+    thread that touches the consumer, which is not thread-safe); ``send`` may
+    be called from any thread.  ``shutdown`` stops intake; ``close`` waits for
+    unacknowledged replies, commits and closes.
     """
 
     name = "kafka"
 
     def __init__(self, bootstrap_servers: str, input_topic: str, output_topic: str,
-                 group_id: str, submit: Submit, client_id: str = "codex-app-server",
+                 group_id: str, sink: Any, client_id: str = "codex-app-server",
                  offset_reset: str = "latest",
                  properties: Optional[Mapping[str, str]] = None,
+                 max_message_bytes: int = 1024 * 1024,
+                 dead_letter_topic: Optional[str] = None,
                  poll_interval: float = 0.1):
         self.input_topic = input_topic
         self.output_topic = output_topic
-        self._submit = submit
+        self.dead_letter_topic = dead_letter_topic
+        self.max_message_bytes = max_message_bytes
+        self._sink = sink
         self._poll_ms = int(poll_interval * 1000)
         consumer_extra, producer_extra = client_config(properties or {})
         common = {"bootstrap_servers": bootstrap_servers.split(","), "client_id": client_id}
         self._consumer_config = dict(common, group_id=group_id, enable_auto_commit=False,
                                      auto_offset_reset=offset_reset, **consumer_extra)
-        self._producer_config = dict(common, **producer_extra)
+        # Room for the key, headers and record overhead on top of the largest value.
+        self._producer_config = dict(common, acks="all", max_block_ms=10000,
+                                     max_request_size=max_message_bytes + 64 * 1024)
+        self._producer_config.update(producer_extra)
         self._consumer: Any = None
         self._producer: Any = None
+        self._fatal_errors: Tuple[type, ...] = ()
+        self._producer_broken = False
+        self._offsets = OffsetTracker()
+        self._backlog: Deque[Tuple[Any, Message, Done]] = collections.deque()
+        self._paused = False
+        self._last_commit = 0.0
+        self._lock = threading.Lock()
+        self._retries: List[_Send] = []  # failed sends waiting for their next attempt
+        self._unacked = 0  # sends not yet acknowledged, retries included
         self._shutdown = threading.Event()
         self._close_requested = threading.Event()
+        self._close_deadline = 0.0
         self._closed = threading.Event()
         self._ready = False
-        self._pending_commit: Dict[Any, int] = {}  # partition -> next offset to commit
         self.ready = threading.Event()
 
     # Public API --------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Connect, then consume until ``shutdown``; finally commit and close on ``close``."""
+        """Connect, consume until ``shutdown``, then on ``close`` drain, commit and close."""
         try:
-            if not self._connect():
-                return
-            self._consume()
-            # The consumer may only be closed from this thread: wait for close().
-            self._close_requested.wait()
-            self._close_consumer()
+            if self._connect():
+                self._consume()
+            # Replies of what was taken are still coming: keep retrying until close().
+            while not self._close_requested.wait(0.05):
+                self._resend_failed()
+            if self._consumer is not None:
+                self._finish()
         finally:
             self._closed.set()
 
-    def send(self, message: Message) -> None:
-        """Produce one message to the output topic, keyed by its id (unkeyed without one)."""
-        producer = self._producer
+    def send(self, message: Message, done: Done = nothing) -> None:
+        """Produce one message to the output topic, keyed by its id (unkeyed without one).
+
+        Retried until the broker acknowledges it (or the shutdown deadline); then
+        ``done`` runs.  A reply over ``max_message_bytes`` becomes an error reply.
+        """
+        value = encode(message)
         key = reply_key(message)
-        if producer is None:
-            log.warning("failed to send kafka message (key %s): producer not connected", _shown(key))
-            return
-        try:
-            future = producer.send(self.output_topic, value=encode(message), key=key)
-        except Exception as exc:
-            log.warning("failed to send kafka message (key %s): %s", _shown(key), exc)
-            return
-        future.add_errback(lambda exc: log.warning("failed to send kafka message (key %s): %s",
-                                                   _shown(key), exc))
+        if len(value) > self.max_message_bytes:
+            value = self._too_large(message, key, len(value))
+            if value is None:
+                done()
+                return
+        self._produce(_Send(self.output_topic, key, value, None, done))
 
     def shutdown(self) -> None:
         """Stop taking new records; the loop returns within one poll interval."""
         self._shutdown.set()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush the producer, then commit what was taken and close the consumer."""
+        """Wait (up to ``timeout``) for unacknowledged sends, then commit and close."""
         self._shutdown.set()
-        deadline = time.monotonic() + timeout
-        if self._producer is not None:
-            log.info("flushing kafka producer")
-            try:
-                self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception as exc:
-                log.warning("failed to send kafka message: flush did not complete: %s", exc)
-            self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
+        self._close_deadline = time.monotonic() + timeout
         self._close_requested.set()
-        self._closed.wait(max(0.1, deadline - time.monotonic()))
+        self._closed.wait(timeout + 5.0)
+
+    # Producing ---------------------------------------------------------
+
+    def _produce(self, send: "_Send", first: bool = True) -> None:
+        if first:
+            with self._lock:
+                self._unacked += 1
+        producer = self._producer
+        if producer is None:
+            self._failed(send, "not connected to kafka yet")
+            return
+        try:
+            future = producer.send(send.topic, value=send.value, key=send.key,
+                                   headers=send.headers)
+        except Exception as exc:
+            self._failed(send, exc)
+            return
+        future.add_callback(lambda metadata: self._acknowledged(send))
+        future.add_errback(lambda exc: self._failed(send, exc))
+
+    def _acknowledged(self, send: "_Send") -> None:
+        with self._lock:
+            self._unacked -= 1
+        send.done()
+
+    def _failed(self, send: "_Send", error: Any) -> None:
+        if isinstance(error, self._fatal_errors):
+            self._producer_broken = True
+        send.attempt += 1
+        delay = min(0.1 * 2 ** send.attempt, 5.0)
+        send.due = time.monotonic() + delay
+        log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
+                    _shown(send.key), send.topic, error, send.attempt, delay)
+        with self._lock:
+            self._retries.append(send)
+
+    def _resend_failed(self) -> None:
+        if self._producer_broken:
+            self._replace_producer()
+        now = time.monotonic()
+        with self._lock:
+            due = [send for send in self._retries if send.due <= now]
+            self._retries = [send for send in self._retries if send.due > now]
+        for send in due:
+            self._produce(send, first=False)
+
+    def _replace_producer(self) -> None:
+        # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
+        kafka = _import_kafka()
+        log.warning("kafka producer hit a fatal error: replacing it")
+        old = self._producer
+        try:
+            self._producer = kafka.KafkaProducer(**self._producer_config)
+        except kafka.errors.KafkaError as exc:
+            log.warning("cannot create a new kafka producer: %s", exc)
+            return
+        self._producer_broken = False
+        if old is not None:
+            old.close(timeout=0)
+
+    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
+        over = size - self.max_message_bytes
+        log.error("reply too large for kafka (key %s): %d bytes, %d over the limit of %d "
+                  "(--kafka-max-message-bytes)", _shown(key), size, over, self.max_message_bytes)
+        if key is None or "method" in message:
+            return None
+        return encode(error_response(
+            message["id"], INTERNAL_ERROR,
+            f"reply too large for Kafka: {size} bytes, {over} bytes over the limit of "
+            f"{self.max_message_bytes} (--kafka-max-message-bytes)"))
 
     # The consumer thread -----------------------------------------------
 
     def _connect(self) -> bool:
         kafka = _import_kafka()
+        errors = kafka.errors
+        self._fatal_errors = tuple(getattr(errors, name) for name in (
+            "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError",
+            "IllegalStateError") if hasattr(errors, name))
         delay = 0.5
+        attempt = 0
         while not self._shutdown.is_set():
+            attempt += 1
             try:
                 self._producer = kafka.KafkaProducer(**self._producer_config)
                 self._consumer = kafka.KafkaConsumer(**self._consumer_config)
-            except kafka.errors.KafkaError as exc:
+            except errors.KafkaError as exc:
                 if self._producer is not None:
                     self._producer.close(timeout=0)
                     self._producer = None
-                log.warning("cannot connect to kafka at %s (%s); retrying in %.1f s",
-                            ",".join(self._consumer_config["bootstrap_servers"]), exc, delay)
+                log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
+                            ",".join(self._consumer_config["bootstrap_servers"]), attempt, exc,
+                            delay)
                 if self._shutdown.wait(delay):
                     break
                 delay = min(delay * 2, 30.0)
@@ -420,30 +525,78 @@ class KafkaTransport:
 
     def _consume(self) -> None:
         consumer = self._consumer
+        errors = _import_kafka().errors
         while not self._shutdown.is_set():
-            # Never sleep between polls: kafka-python completes group joins inside poll().
-            batches = consumer.poll(timeout_ms=self._poll_ms)
+            self._resend_failed()
+            self._offer_backlog()
+            try:
+                # Never sleep between polls: kafka-python completes group joins inside poll().
+                batches = consumer.poll(timeout_ms=self._poll_ms)
+            except errors.KafkaError as exc:
+                log.warning("kafka poll failed: %s", exc)
+                self._shutdown.wait(0.5)
+                continue
             if not self._ready and consumer.assignment():
                 self._announce_ready()
             for partition, records in batches.items():
                 for record in records:
-                    if self._shutdown.is_set():
-                        break
-                    self._take(record)
-                    self._pending_commit[partition] = record.offset + 1
-            if self._pending_commit:
-                self._commit_async()
+                    self._take(partition, record)
+            self._offer_backlog()
+            self._commit()
 
-    def _take(self, record: Any) -> None:
+    def _take(self, partition: Any, record: Any) -> None:
+        done = self._offsets.taken(partition, record.offset)
         try:
             message = decode(record.value or b"")
         except InvalidMessage as exc:
-            log.warning("invalid payload from kafka: topic %s partition %d offset %d: %s",
-                        record.topic, record.partition, record.offset, exc.reason)
-            if exc.id is not None:
-                self.send(error_response(exc.id, exc.code, exc.reason))
+            self._reject(record, exc, done)
             return
-        self._submit(self, message)
+        self._backlog.append((partition, message, done))
+
+    def _offer_backlog(self) -> None:
+        while self._backlog:
+            partition, message, done = self._backlog[0]
+            if not self._sink.offer(self, message, done):
+                break
+            self._backlog.popleft()
+        assigned = self._consumer.assignment()
+        if self._backlog and not self._paused and assigned:
+            log.info("processor queue full: pausing %s", self.input_topic)
+            self._consumer.pause(*assigned)
+            self._paused = True
+        elif self._paused and not self._backlog and self._sink.has_room():
+            log.info("processor queue has room: resuming %s", self.input_topic)
+            self._consumer.resume(*self._consumer.paused())
+            self._paused = False
+
+    def _reject(self, record: Any, error: InvalidMessage, done: Done) -> None:
+        log.warning("invalid payload from kafka: topic %s partition %d offset %d: %s",
+                    record.topic, record.partition, record.offset, error.reason)
+        sends = []
+        if self.dead_letter_topic:
+            headers = [("__connect.errors.topic", record.topic.encode()),
+                       ("__connect.errors.partition", str(record.partition).encode()),
+                       ("__connect.errors.offset", str(record.offset).encode()),
+                       ("__connect.errors.exception.class.name", b"InvalidMessage"),
+                       ("__connect.errors.exception.message", error.reason.encode())]
+            sends.append(_Send(self.dead_letter_topic, record.key, record.value, headers, nothing))
+        if error.id is not None:
+            reply = error_response(error.id, error.code, error.reason)
+            sends.append(_Send(self.output_topic, reply_key(reply), encode(reply), None, nothing))
+        if not sends:
+            done()
+            return
+        remaining = [len(sends)]
+
+        def one_done() -> None:
+            with self._lock:
+                remaining[0] -= 1
+                finished = remaining[0] == 0
+            if finished:
+                done()
+        for send in sends:
+            send.done = one_done
+            self._produce(send)
 
     def _announce_ready(self) -> None:
         consumer = self._consumer
@@ -455,46 +608,131 @@ class KafkaTransport:
                  ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
         self.ready.set()
 
-    def _commit_async(self) -> None:
-        offsets = self._offsets(self._pending_commit)
-        self._pending_commit = {}
-        try:
-            self._consumer.commit_async(offsets=offsets, callback=_on_commit)
-        except Exception as exc:
-            log.warning("kafka offset commit failed: %s", exc)
-
-    def _commit_sync(self, offsets: Mapping[Any, int]) -> None:
-        if not offsets:
+    def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False) -> None:
+        now = time.monotonic()
+        if not sync and now - self._last_commit < 0.1:
+            return  # at most ten asynchronous commits a second
+        self._last_commit = now
+        points = self._offsets.commit_points(partitions)
+        if not points:
             return
+        offsets = {tp: _offset_and_metadata(offset) for tp, offset in points.items()}
         try:
-            self._consumer.commit(offsets=self._offsets(offsets))
+            if sync:
+                self._consumer.commit(offsets=offsets)
+            else:
+                self._consumer.commit_async(offsets=offsets, callback=self._committed)
         except Exception as exc:
+            self._offsets.commit_failed(points)
             log.warning("kafka offset commit failed: %s", exc)
 
-    def _close_consumer(self) -> None:
+    def _committed(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            self._offsets.commit_failed({tp: meta.offset for tp, meta in offsets.items()})
+            log.warning("kafka offset commit failed: %s", response)
+
+    def _finish(self) -> None:
+        log.info("flushing kafka producer")
+        while time.monotonic() < self._close_deadline:
+            self._resend_failed()
+            with self._lock:
+                if not self._unacked:
+                    break
+            try:
+                self._producer.flush(timeout=0.2)
+            except Exception:
+                pass  # flush timing out only means sends are still in flight
+        with self._lock:
+            if self._unacked:
+                log.warning("shutdown timeout: %d messages not acknowledged by kafka",
+                            self._unacked)
+        if self._producer is not None:
+            self._producer.close(timeout=1)
         log.info("committing kafka offsets")
-        self._commit_sync(self._pending_commit)
-        self._pending_commit = {}
+        self._commit(sync=True)
         log.info("closing kafka consumer")
         self._consumer.close(autocommit=False)
 
-    @staticmethod
-    def _offsets(next_offsets: Mapping[Any, int]) -> Dict[Any, Any]:
-        return {tp: _offset_and_metadata(offset) for tp, offset in next_offsets.items()}
-
     def _partitions_revoked(self, revoked: Any) -> None:
-        # Commit what was taken from partitions that are about to move elsewhere.
-        mine = {tp: off for tp, off in self._pending_commit.items() if tp in set(revoked)}
-        self._commit_sync(mine)
-        for tp in mine:
-            self._pending_commit.pop(tp, None)
+        # Commit what is done in partitions that move elsewhere; the rest is redelivered.
+        revoked = set(revoked)
+        self._commit(revoked, sync=True)
+        self._offsets.forget(revoked)
+        self._backlog = collections.deque(item for item in self._backlog
+                                          if item[0] not in revoked)
+        self._paused = False
         self._ready = False
         self.ready.clear()
 
 
-def _on_commit(offsets: Any, response: Any) -> None:
-    if isinstance(response, Exception):
-        log.warning("kafka offset commit failed: %s", response)
+class _Send:
+    """One record to produce, with what to call once the broker has it."""
+
+    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due")
+
+    def __init__(self, topic: str, key: Optional[bytes], value: bytes,
+                 headers: Optional[List[Tuple[str, bytes]]], done: Done):
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.done = done
+        self.attempt = 0
+        self.due = 0.0
+
+
+class OffsetTracker:
+    """Per partition, which taken offsets are done; a partition commits up to
+    (not including) its first offset that is not done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: Dict[Any, List[int]] = {}  # heap of taken, not yet done offsets
+        self._done: Dict[Any, Set[int]] = {}  # done offsets still inside the heap
+        self._next: Dict[Any, int] = {}  # offset after the last one taken
+        self._asked: Dict[Any, int] = {}  # last commit point handed out
+
+    def taken(self, partition: Any, offset: int) -> Done:
+        with self._lock:
+            heapq.heappush(self._pending.setdefault(partition, []), offset)
+            self._done.setdefault(partition, set())
+            self._next[partition] = offset + 1
+        return functools.partial(self._finish, partition, offset)
+
+    def _finish(self, partition: Any, offset: int) -> None:
+        with self._lock:
+            heap = self._pending.get(partition)
+            if heap is None:
+                return  # revoked meanwhile: the new owner reads it again
+            done = self._done[partition]
+            done.add(offset)
+            while heap and heap[0] in done:
+                done.discard(heapq.heappop(heap))
+
+    def commit_points(self, partitions: Optional[Iterable[Any]] = None) -> Dict[Any, int]:
+        """{partition: offset to commit} for partitions whose point moved since asked."""
+        with self._lock:
+            points = {}
+            for partition in (self._next if partitions is None else partitions):
+                if partition not in self._next:
+                    continue
+                heap = self._pending[partition]
+                point = heap[0] if heap else self._next[partition]
+                if self._asked.get(partition) != point:
+                    points[partition] = self._asked[partition] = point
+            return points
+
+    def commit_failed(self, points: Mapping[Any, int]) -> None:
+        with self._lock:
+            for partition, point in points.items():
+                if self._asked.get(partition) == point:
+                    del self._asked[partition]
+
+    def forget(self, partitions: Iterable[Any]) -> None:
+        with self._lock:
+            for partition in partitions:
+                for table in (self._pending, self._done, self._next, self._asked):
+                    table.pop(partition, None)
 
 
 def _shown(key: Optional[bytes]) -> str:

@@ -209,18 +209,21 @@ class Recorder:
     def __init__(self):
         self.sent = []
 
-    def send(self, message):
+    def send(self, message, done=rpc.nothing):
         self.sent.append(message)
+        done()
 
 
-def test_builtin_backend_answers():
+def test_builtin_backend_answers_and_acknowledges():
     transport = Recorder()
     backend = app.BuiltinBackend(transport)
-    backend.handle({"id": 1, "method": "initialize", "params": {}})
-    backend.handle({"id": "n", "method": "noop", "params": {}})
-    backend.handle({"id": 2, "method": "thread/start", "params": {}})
-    backend.handle({"method": "initialized"})
-    backend.handle({"id": 9, "result": {}})
+    acknowledged = []
+    for msg_id, method in ((1, "initialize"), ("n", "noop"), (2, "thread/start")):
+        backend.handle({"id": msg_id, "method": method, "params": {}},
+                       lambda msg_id=msg_id: acknowledged.append(msg_id))
+    backend.handle({"method": "initialized"}, rpc.nothing)
+    backend.handle({"id": 9, "result": {}}, rpc.nothing)
+    assert acknowledged == [1, "n", 2]  # each request's done travels with its reply
     init, noop, unknown = transport.sent
     assert init["id"] == 1
     assert init["result"]["userAgent"] == f"codex-app-server/{app.__version__} (python)"
