@@ -499,6 +499,11 @@ class KafkaTransport:
         self._fatal_errors = tuple(getattr(errors, name) for name in (
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError",
             "IllegalStateError") if hasattr(errors, name))
+        for config, client in ((self._producer_config, kafka.KafkaProducer),
+                               (self._consumer_config, kafka.KafkaConsumer)):
+            if "bootstrap_timeout_ms" in client.DEFAULT_CONFIG:
+                # Short attempts: the loop below retries, with a warning each time.
+                config.setdefault("bootstrap_timeout_ms", 5000)
         delay = 0.5
         attempt = 0
         while not self._shutdown.is_set():

@@ -75,13 +75,17 @@ def broker():
 
 
 class Topics:
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, create: bool = True):
         self.bootstrap = bootstrap
         base = "t" + uuid.uuid4().hex[:10]
         self.input = base + ".in"
         self.output = base + ".out"
         self.group = base + ".group"
-        local_broker.create_topics(bootstrap, [self.input, self.output])
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        local_broker.create_topics(self.bootstrap, [self.input, self.output])
 
     def server_args(self, *extra: str, group: Optional[str] = None) -> List[str]:
         return ["--kafka-bootstrap-servers", self.bootstrap, "--kafka-input-topic", self.input,
