@@ -469,7 +469,7 @@ class BuiltinBackend(Backend):
 
 
 class CodexBackend(Backend):
-    """Drives one ``codex app-server`` child for one connection.
+    """Drives ``codex app-server`` children for one connection, one at a time.
 
     Every client of a connection shares the child, so request ids are rewritten
     to ids unique in this server and restored on the reply; the first
@@ -483,9 +483,8 @@ class CodexBackend(Backend):
         self._argv = list(argv)
         self._max_in_flight = max_in_flight
         self._lock = threading.Condition()
-        self._child: Optional[subprocess.Popen] = None
+        self._child: Optional[CodexChild] = None
         self._next_id = 1
-        self._pending: Dict[int, Pending] = {}  # our id -> the client's request
         self._init_params: Optional[Any] = None
         self._init_result: Optional[Any] = None
         self._init_waiting: List[Pending] = []  # initialize requests waiting for the first one
@@ -495,49 +494,46 @@ class CodexBackend(Backend):
         if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
                 message, done):
             return
-        child = self._ensure_child(message, done)
-        if child is None:
-            return
-        if kind == rpc.REQUEST:
+        for attempt in (1, 2):
+            child = self._running_child(message, done)
+            if child is None:
+                return
+            if kind != rpc.REQUEST:
+                child.write(message)
+                return
             with self._lock:
                 # Backpressure: a slow Codex holds the processor, so the queue fills and
                 # the transports stop reading, instead of requests piling up here.
-                while len(self._pending) >= self._max_in_flight and self._child is child:
+                while len(child.pending) >= self._max_in_flight and child.alive():
                     self._lock.wait(1.0)
-                our_id = self._next_id
-                self._next_id += 1
-                self._pending[our_id] = (message, done)
+                our_id = self._new_id()
+                child.pending[our_id] = (message, done)
                 if message["method"] == "initialize":
                     self._init_params = message.get("params", {})
-            message = dict(message, id=our_id)
-        self._write(child, message)
+            if child.write(dict(message, id=our_id)):
+                return
+            # Never delivered: the child is dying.  Its exit must not fail this request.
+            with self._lock:
+                child.pending.pop(our_id, None)
+            child.wait(5.0)
 
     def close(self, deadline: float) -> None:
         with self._lock:
-            while self._pending and time.monotonic() < deadline:
-                self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
             child = self._child
-            if self._pending:
+            while child and child.pending and time.monotonic() < deadline:
+                self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            if child and child.pending:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
-                            len(self._pending))
-        if child is None:
-            return
-        try:
-            child.stdin.close()
-        except OSError:
-            pass
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("codex app-server (pid %d) did not exit: terminating it", child.pid)
-            child.terminate()
-            try:
-                child.wait(5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                            len(child.pending))
+        if child is not None:
+            child.stop(deadline)
 
     # Requests and replies --------------------------------------------------
+
+    def _new_id(self) -> int:
+        our_id = self._next_id
+        self._next_id += 1
+        return our_id
 
     def _answer_initialize(self, request: Message, done: rpc.Done) -> bool:
         """Answer a repeated ``initialize`` ourselves; False sends it on to Codex."""
@@ -552,24 +548,22 @@ class CodexBackend(Backend):
         self.transport.send({"id": request["id"], "result": result}, done)
         return True
 
-    def _from_child(self, message: Message) -> None:
-        kind = rpc.kind(message)
-        if kind in (rpc.RESPONSE, rpc.ERROR):
-            with self._lock:
-                pending = self._pending.pop(message["id"], None)
-                self._lock.notify_all()
-            if pending is None:
-                log.warning("codex answered id %r, which no client asked", message["id"])
-                return
-            request, done = pending
-            waiting = self._initialized(message) if request["method"] == "initialize" else []
-            if request.get("id") is None:
-                return  # our own replayed initialize
-            self.transport.send(dict(message, id=request["id"]), done)
-            for other, other_done in waiting:
-                self.transport.send(dict(message, id=other["id"]), other_done)
-        else:
+    def _from_child(self, child: "CodexChild", message: Message) -> None:
+        if "method" in message:  # a notification, or Codex's own request to the client
             self.transport.send(message)
+            return
+        with self._lock:
+            pending = child.pending.pop(message["id"], None)
+            self._lock.notify_all()
+        if pending is None:
+            log.warning("codex answered id %r, which no client asked", message["id"])
+            return
+        request, done = pending
+        waiting = self._initialized(message) if request["method"] == "initialize" else []
+        if request.get("id") is not None:  # None: our own replayed initialize
+            self.transport.send(dict(message, id=request["id"]), done)
+        for other, other_done in waiting:
+            self.transport.send(dict(message, id=other["id"]), other_done)
 
     def _initialized(self, reply: Message) -> List[Pending]:
         with self._lock:
@@ -580,17 +574,14 @@ class CodexBackend(Backend):
                 self._init_params = None  # failed: the next initialize goes to Codex again
         return waiting
 
-    # The child process -------------------------------------------------
+    # Children ------------------------------------------------------------
 
-    def _ensure_child(self, message: Message, done: rpc.Done) -> Optional[subprocess.Popen]:
+    def _running_child(self, message: Message, done: rpc.Done) -> Optional["CodexChild"]:
         with self._lock:
-            if self._child is not None and self._child.poll() is None:
+            if self._child is not None and self._child.alive():
                 return self._child
-        env = dict(os.environ)
-        env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
         try:
-            child = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+            child = CodexChild(self._argv, self._from_child, self._child_exited)
         except OSError as exc:
             log.error("cannot start codex app-server (%s): %s", " ".join(self._argv), exc)
             if rpc.kind(message) == rpc.REQUEST:
@@ -603,27 +594,97 @@ class CodexBackend(Backend):
             self._child = child
             replay = self._init_params if self._init_result is not None else None
             if replay is not None:
-                our_id = self._next_id
-                self._next_id += 1
-                self._pending[our_id] = ({"method": "initialize"}, rpc.nothing)
-        threading.Thread(target=self._read_stdout, args=(child,), daemon=True,
-                         name=f"codex-{child.pid}-stdout").start()
-        threading.Thread(target=self._read_stderr, args=(child,), daemon=True,
-                         name=f"codex-{child.pid}-stderr").start()
+                our_id = self._new_id()
+                child.pending[our_id] = ({"method": "initialize"}, rpc.nothing)
         if replay is not None:
             # A restarted child must be initialized before it takes other requests.
-            self._write(child, {"id": our_id, "method": "initialize", "params": replay})
+            child.write({"id": our_id, "method": "initialize", "params": replay})
         return child
 
-    def _write(self, child: subprocess.Popen, message: Message) -> None:
-        try:
-            child.stdin.write(rpc.encode(message) + b"\n")
-            child.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            log.warning("cannot write to codex app-server (pid %d): %s", child.pid, exc)
+    def _child_exited(self, child: "CodexChild", status: int) -> None:
+        with self._lock:
+            if self._child is child:
+                self._child = None
+            orphans, child.pending = list(child.pending.values()), {}
+            if any(request["method"] == "initialize" for request, _ in orphans):
+                orphans += self._init_waiting
+                self._init_waiting = []
+                if self._init_result is None:
+                    self._init_params = None
+            self._lock.notify_all()
+        how = f"signal {-status}" if status < 0 else f"status {status}"
+        if orphans:
+            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests",
+                      child.pid, how, len(orphans))
+        else:
+            log.info("codex app-server (pid %d) exited with %s", child.pid, how)
+        for request, done in orphans:
+            if request.get("id") is not None:
+                self.transport.send(rpc.error_response(
+                    request["id"], rpc.INTERNAL_ERROR,
+                    f"codex app-server exited with {how} before answering"), done)
 
-    def _read_stdout(self, child: subprocess.Popen) -> None:
-        for line in iter(child.stdout.readline, b""):
+
+class CodexChild:
+    """One ``codex app-server`` process and the requests it owes answers to.
+
+    Reader threads relay its stdout lines to ``on_message(child, message)`` and its
+    stderr to the log; ``on_exit(child, status)`` runs once stdout has ended.
+    """
+
+    def __init__(self, argv: Sequence[str], on_message: Callable[["CodexChild", Message], None],
+                 on_exit: Callable[["CodexChild", int], None]):
+        env = dict(os.environ)
+        env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
+        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env)
+        self.pid = self._process.pid
+        self.pending: Dict[int, Pending] = {}  # our id -> the client's request
+        self._on_message = on_message
+        self._on_exit = on_exit
+        threading.Thread(target=self._read_stdout, daemon=True,
+                         name=f"codex-{self.pid}-stdout").start()
+        threading.Thread(target=self._read_stderr, daemon=True,
+                         name=f"codex-{self.pid}-stderr").start()
+
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def write(self, message: Message) -> bool:
+        """One line to the child's stdin; False when it cannot take it (it is gone)."""
+        try:
+            self._process.stdin.write(rpc.encode(message) + b"\n")
+            self._process.stdin.flush()
+            return True
+        except (OSError, ValueError) as exc:
+            log.warning("cannot write to codex app-server (pid %d): %s", self.pid, exc)
+            return False
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self, deadline: float) -> None:
+        """Close stdin (Codex exits on EOF); terminate it when the deadline passes."""
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("codex app-server (pid %d) did not exit: terminating it", self.pid)
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def _read_stdout(self) -> None:
+        for line in iter(self._process.stdout.readline, b""):
             if not line.strip():
                 continue
             try:
@@ -632,36 +693,14 @@ class CodexBackend(Backend):
                 log.warning("skipping a line from codex app-server that is not JSON-RPC (%d "
                             "bytes): %s", len(line), exc.reason)
                 continue
-            self._from_child(message)
-        status = child.wait()
-        self._child_exited(child, status)
+            self._on_message(self, message)
+        self._on_exit(self, self._process.wait())
 
-    def _read_stderr(self, child: subprocess.Popen) -> None:
-        for line in iter(child.stderr.readline, b""):
+    def _read_stderr(self) -> None:
+        for line in iter(self._process.stderr.readline, b""):
             text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip()
             if text:
-                log.warning("codex[%d]: %s", child.pid, text)
-
-    def _child_exited(self, child: subprocess.Popen, status: int) -> None:
-        with self._lock:
-            if self._child is child:
-                self._child = None
-            orphans, self._pending = self._pending, {}
-            waiting, self._init_waiting = self._init_waiting, []
-            if self._init_result is None:
-                self._init_params = None
-            self._lock.notify_all()
-        how = f"signal {-status}" if status < 0 else f"status {status}"
-        if orphans or waiting:
-            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests",
-                      child.pid, how, len(orphans) + len(waiting))
-        else:
-            log.info("codex app-server (pid %d) exited with %s", child.pid, how)
-        for request, done in list(orphans.values()) + waiting:
-            if request.get("id") is not None:
-                self.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR,
-                    f"codex app-server exited with {how} before answering"), done)
+                log.warning("codex[%d]: %s", self.pid, text)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

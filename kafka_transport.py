@@ -147,18 +147,12 @@ def _valid_id(value: Any) -> bool:
     return value is None or isinstance(value, str) or _is_int(value)
 
 
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+               str: "a string", list: "an array", dict: "an object"}
+
+
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return _JSON_TYPES.get(type(value), "an object")
 
 
 # --- client configuration -------------------------------------------------
@@ -173,45 +167,25 @@ def _integer(text: str) -> int:
     return value
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError("expected one of " + ", ".join(allowed))
-        return text
+def _one_of(choices: Mapping[str, Any]) -> Callable[[str], Any]:
+    """A parser accepting the keys of ``choices`` and returning their values."""
+    def parse(text: str) -> Any:
+        if text not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return choices[text]
     return parse
 
 
-def _acks(text: str) -> Any:
-    if text in ("all", "-1"):
-        return "all"
-    if text in ("0", "1"):
-        return int(text)
-    raise ValueError("expected all, -1, 0 or 1")
+def _choice(*allowed: str) -> Callable[[str], str]:
+    return _one_of({name: name for name in allowed})
 
 
-def _offset_reset(text: str) -> str:
-    aliases = {"earliest": "earliest", "smallest": "earliest", "beginning": "earliest",
-               "latest": "latest", "largest": "latest", "end": "latest"}
-    if text not in aliases:
-        raise ValueError("expected earliest or latest")
-    return aliases[text]
-
-
-def _compression(text: str) -> Optional[str]:
-    if text == "none":
-        return None
-    if text not in ("gzip", "snappy", "lz4", "zstd"):
-        raise ValueError("expected none, gzip, snappy, lz4 or zstd")
-    return text
+_boolean = _one_of({"true": True, "false": False})
+_acks = _one_of({"all": "all", "-1": "all", "0": 0, "1": 1})
+_offset_reset = _one_of({"earliest": "earliest", "smallest": "earliest", "latest": "latest",
+                         "largest": "latest"})
+_compression = _one_of({"none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4",
+                        "zstd": "zstd"})
 
 
 CONSUMER, PRODUCER, BOTH = "consumer", "producer", "both"
@@ -234,7 +208,7 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "ssl.key.location": (BOTH, "ssl_keyfile", str),
     "ssl.key.password": (BOTH, "ssl_password", str),
     "ssl.endpoint.identification.algorithm": (BOTH, "ssl_check_hostname",
-                                              lambda text: _choice("https", "none")(text) == "https"),
+                                              _one_of({"https": True, "none": False})),
     "sasl.mechanism": (BOTH, "sasl_mechanism", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
     "sasl.mechanisms": (BOTH, "sasl_mechanism", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
     "sasl.username": (BOTH, "sasl_plain_username", str),
