@@ -34,10 +34,13 @@ log = logging.getLogger("codex_app_server")
 Message = Dict[str, Any]
 Pending = Tuple[Message, rpc.Done]  # a client's request and its transport acknowledgement
 
-KAFKA_REQUIRED = ("kafka_bootstrap_servers", "kafka_input_topic", "kafka_output_topic",
-                  "kafka_group_id")
-KAFKA_FLAGS = KAFKA_REQUIRED + ("kafka_client_id", "kafka_offset_reset", "kafka_property",
-                                "kafka_max_message_bytes", "kafka_dead_letter_topic")
+# Flags that are Kafka client properties: the top layer over file, environment and -X.
+KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
+                        "kafka_group_id": "group.id", "kafka_client_id": "client.id",
+                        "kafka_offset_reset": "auto.offset.reset"}
+KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
+    "kafka_input_topic", "kafka_output_topic", "kafka_property", "kafka_config",
+    "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 
 
@@ -45,7 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: parse flags, serve until shutdown, return the exit status."""
     parser = build_parser()
     args = parse_args(parser, argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, secrets=[
+        value for key, value in getattr(args, "kafka_properties", {}).items()
+        if key in rpc.SECRET_PROPERTIES])
     backend_factory = backend_factory_for(args, parser)
     server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
                     queue_size=args.queue_size)
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
                        help="send every unusable input record here, unchanged, with headers "
                             "naming its origin and the reason")
+    kafka.add_argument("--kafka-config", metavar="FILE",
+                       help="librdkafka/Java properties file (key=value) of client properties; "
+                            "the environment, -X and flags take precedence")
+    kafka.add_argument("--kafka-connect-timeout", metavar="SECONDS", type=_seconds,
+                       help="how long start-up may take to find a TLS or SASL failure that "
+                            "retrying cannot fix, before exiting 3 (default: 30)")
     kafka.add_argument("-X", "--kafka-property", metavar="KEY=VALUE", action="append",
                        type=_property,
                        help="librdkafka/Java client property, e.g. session.timeout.ms=10000 "
@@ -118,23 +129,42 @@ def parse_args(parser: argparse.ArgumentParser,
     """Parse and cross-check flags; usage errors exit 2 through ``parser.error``."""
     args = parser.parse_args(argv)
     args.kafka = any(getattr(args, name) is not None for name in KAFKA_FLAGS)
-    if args.kafka:
-        missing = ["--" + name.replace("_", "-") for name in KAFKA_REQUIRED
-                   if getattr(args, name) is None]
-        if missing:
-            parser.error("the Kafka transport also needs: " + ", ".join(missing))
-        if args.kafka_input_topic == args.kafka_output_topic:
-            parser.error("--kafka-input-topic and --kafka-output-topic must differ "
-                         "(the server would consume its own replies)")
-        args.kafka_properties = dict(args.kafka_property or [])
-        try:
-            rpc.client_config(args.kafka_properties)
-        except ValueError as exc:
-            parser.error(f"-X/--kafka-property: {exc}")
-    else:
+    if not args.kafka:
         args.stdio = True
-    args.kafka_client_id = args.kafka_client_id or "codex-app-server"
-    args.kafka_offset_reset = args.kafka_offset_reset or "latest"
+        return args
+    # Precedence: flags > -X > environment > properties file.
+    try:
+        properties = rpc.read_properties(args.kafka_config) if args.kafka_config else {}
+    except (OSError, ValueError) as exc:
+        parser.error(f"--kafka-config: {exc}")
+    properties.update(rpc.environment_properties(os.environ))
+    properties.update(args.kafka_property or [])
+    properties.update({prop: getattr(args, flag) for flag, prop in KAFKA_PROPERTY_FLAGS.items()
+                       if getattr(args, flag) is not None})
+    properties.setdefault("client.id", "codex-app-server")
+    properties.setdefault("auto.offset.reset", "latest")
+    missing = [flag for flag, present in (
+        ("--kafka-bootstrap-servers", "bootstrap.servers" in properties),
+        ("--kafka-input-topic", args.kafka_input_topic), ("--kafka-output-topic",
+                                                          args.kafka_output_topic),
+        ("--kafka-group-id", "group.id" in properties)) if not present]
+    if missing:
+        parser.error("the Kafka transport also needs: " + ", ".join(missing))
+    if args.kafka_input_topic == args.kafka_output_topic:
+        parser.error("--kafka-input-topic and --kafka-output-topic must differ "
+                     "(the server would consume its own replies)")
+    try:
+        properties["bootstrap.servers"] = _servers(properties["bootstrap.servers"])
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"bootstrap servers: {exc}")
+    args.kafka_inferred = rpc.infer_security(properties)
+    try:
+        rpc.client_config(properties)
+    except ValueError as exc:
+        parser.error(f"Kafka client properties: {exc}")
+    args.kafka_properties = properties
+    args.kafka_connect_timeout = 30.0 if args.kafka_connect_timeout is None \
+        else args.kafka_connect_timeout
     args.kafka_max_message_bytes = args.kafka_max_message_bytes or 1024 * 1024
     if args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
             args.kafka_input_topic, args.kafka_output_topic):
@@ -192,11 +222,30 @@ def _seconds(text: str) -> float:
     return value
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if secrets:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_Redact(secrets))
     # kafka-python narrates every connection at INFO; keep its warnings and errors.
     logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+class _Redact(logging.Filter):
+    """Last line of defence: no secret value reaches the log, whoever logs it."""
+
+    def __init__(self, secrets: Sequence[str]):
+        super().__init__()
+        self._secrets = [secret for secret in secrets if secret]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(secret in text for secret in self._secrets):
+            for secret in self._secrets:
+                text = text.replace(secret, "***")
+            record.msg, record.args = text, None
+        return True
 
 
 # --- server ---------------------------------------------------------------
@@ -214,11 +263,12 @@ class Server:
         self._failed = False
 
     def add_kafka(self, args: argparse.Namespace) -> None:
+        if args.kafka_inferred:
+            log.info("inferred %s from the TLS/SASL settings", ", ".join(args.kafka_inferred))
+        log.info("kafka settings: %s", rpc.redacted(args.kafka_properties))
         transport = rpc.KafkaTransport(
-            args.kafka_bootstrap_servers, args.kafka_input_topic, args.kafka_output_topic,
-            args.kafka_group_id, self.processor, client_id=args.kafka_client_id,
-            offset_reset=args.kafka_offset_reset, properties=args.kafka_properties,
-            max_message_bytes=args.kafka_max_message_bytes,
+            args.kafka_input_topic, args.kafka_output_topic, self.processor,
+            args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
             dead_letter_topic=args.kafka_dead_letter_topic)
         self.transports.append(transport)
 
@@ -494,6 +544,9 @@ class CodexBackend(Backend):
         if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
                 message, done):
             return
+        if kind in (rpc.RESPONSE, rpc.ERROR):
+            self._answer_codex(message)
+            return
         for attempt in (1, 2):
             child = self._running_child(message, done)
             if child is None:
@@ -530,6 +583,18 @@ class CodexBackend(Backend):
 
     # Requests and replies --------------------------------------------------
 
+    def _answer_codex(self, answer: Message) -> None:
+        """A client's answer to one of Codex's requests goes to the child that asked."""
+        with self._lock:
+            child = self._child
+        if child is not None and child.alive() and child.answered(answer["id"]):
+            child.write(answer)
+            return
+        # Codex ids restart at 0 in every child: an answer meant for a dead child must not
+        # reach its successor as the answer to another request.
+        log.warning("dropping a client answer to codex request %r, which no running codex "
+                    "app-server asked (it may have been restarted)", answer["id"])
+
     def _new_id(self) -> int:
         our_id = self._next_id
         self._next_id += 1
@@ -550,6 +615,8 @@ class CodexBackend(Backend):
 
     def _from_child(self, child: "CodexChild", message: Message) -> None:
         if "method" in message:  # a notification, or Codex's own request to the client
+            if "id" in message:
+                child.asked.add(message["id"])
             self.transport.send(message)
             return
         with self._lock:
@@ -640,6 +707,7 @@ class CodexChild:
                                          stderr=subprocess.PIPE, env=env)
         self.pid = self._process.pid
         self.pending: Dict[int, Pending] = {}  # our id -> the client's request
+        self.asked: set = set()  # ids of Codex's own requests still waiting for the client
         self._on_message = on_message
         self._on_exit = on_exit
         threading.Thread(target=self._read_stdout, daemon=True,
@@ -649,6 +717,14 @@ class CodexChild:
 
     def alive(self) -> bool:
         return self._process.poll() is None
+
+    def answered(self, request_id: Any) -> bool:
+        """Whether a client answer to ``request_id`` is one this child is waiting for."""
+        try:
+            self.asked.remove(request_id)
+            return True
+        except KeyError:
+            return False
 
     def write(self, message: Message) -> bool:
         """One line to the child's stdin; False when it cannot take it (it is gone)."""

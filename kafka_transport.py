@@ -192,6 +192,8 @@ CONSUMER, PRODUCER, BOTH = "consumer", "producer", "both"
 
 # librdkafka / Java property name -> (which client, kafka-python argument, parser).
 PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
+    "bootstrap.servers": (BOTH, "bootstrap_servers", lambda text: text.split(",")),
+    "group.id": (CONSUMER, "group_id", str),
     "client.id": (BOTH, "client_id", str),
     "request.timeout.ms": (BOTH, "request_timeout_ms", _integer),
     "retry.backoff.ms": (BOTH, "retry_backoff_ms", _integer),
@@ -245,13 +247,65 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
 
 # Properties the server owns: accepting them would silently break its guarantees.
 RESERVED = {
-    "bootstrap.servers": "use --kafka-bootstrap-servers",
-    "group.id": "use --kafka-group-id",
     "enable.auto.commit": "the server commits offsets itself",
     "enable.auto.offset.store": "the server commits offsets itself",
 }
 
 SECRET_PROPERTIES = frozenset({"ssl.key.password", "sasl.password"})
+
+# The reference's environment variables, by the property each one sets.
+ENVIRONMENT = {
+    "KAFKA_SECURITY_PROTOCOL": "security.protocol",
+    "KAFKA_SSL_CA": "ssl.ca.location",
+    "KAFKA_SSL_CERT": "ssl.certificate.location",
+    "KAFKA_SSL_KEY": "ssl.key.location",
+    "KAFKA_SSL_KEY_PASSWORD": "ssl.key.password",
+    "KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "KAFKA_SASL_USERNAME": "sasl.username",
+    "KAFKA_SASL_PASSWORD": "sasl.password",
+}
+
+
+def read_properties(path: str) -> Dict[str, str]:
+    """A librdkafka/Java properties file: ``key=value`` lines, ``#`` or ``!`` comments."""
+    properties = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line[0] in "#!":
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{path} line {number}: expected key=value")
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def environment_properties(environ: Mapping[str, str]) -> Dict[str, str]:
+    return {prop: environ[name] for name, prop in ENVIRONMENT.items() if environ.get(name)}
+
+
+def infer_security(properties: Dict[str, str]) -> List[str]:
+    """Fill in ``security.protocol`` (and a SASL mechanism) the settings imply; say what."""
+    inferred = []
+    tls = "ssl.ca.location" in properties or "ssl.certificate.location" in properties
+    sasl = "sasl.username" in properties or "sasl.password" in properties
+    if "security.protocol" not in properties and (tls or sasl):
+        protocol = ("SASL_SSL" if "ssl.ca.location" in properties else "SASL_PLAINTEXT") \
+            if sasl else "SSL"
+        properties["security.protocol"] = protocol
+        inferred.append(f"security.protocol={protocol}")
+    if properties.get("security.protocol", "").startswith("SASL") and not (
+            "sasl.mechanism" in properties or "sasl.mechanisms" in properties):
+        properties["sasl.mechanism"] = "PLAIN"
+        inferred.append("sasl.mechanism=PLAIN")
+    return inferred
+
+
+def redacted(properties: Mapping[str, Any]) -> str:
+    """``key=value, …`` with every secret shown as ``***``."""
+    return ", ".join(f"{key}={'***' if key in SECRET_PROPERTIES else value}"
+                     for key, value in sorted(properties.items()))
 
 
 def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -315,11 +369,8 @@ class KafkaTransport:
 
     name = "kafka"
 
-    def __init__(self, bootstrap_servers: str, input_topic: str, output_topic: str,
-                 group_id: str, sink: Any, client_id: str = "codex-app-server",
-                 offset_reset: str = "latest",
-                 properties: Optional[Mapping[str, str]] = None,
-                 max_message_bytes: int = 1024 * 1024,
+    def __init__(self, input_topic: str, output_topic: str, sink: Any,
+                 properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
                  dead_letter_topic: Optional[str] = None,
                  poll_interval: float = 0.1):
         self.input_topic = input_topic
@@ -328,14 +379,12 @@ class KafkaTransport:
         self.max_message_bytes = max_message_bytes
         self._sink = sink
         self._poll_ms = int(poll_interval * 1000)
-        consumer_extra, producer_extra = client_config(properties or {})
-        common = {"bootstrap_servers": bootstrap_servers.split(","), "client_id": client_id}
-        self._consumer_config = dict(common, group_id=group_id, enable_auto_commit=False,
-                                     auto_offset_reset=offset_reset, **consumer_extra)
+        consumer_config, producer_config = client_config(properties)
+        self._consumer_config = dict(consumer_config, enable_auto_commit=False)
         # Room for the key, headers and record overhead on top of the largest value.
-        self._producer_config = dict(common, acks="all", max_block_ms=10000,
+        self._producer_config = dict(acks="all", max_block_ms=10000,
                                      max_request_size=max_message_bytes + 64 * 1024)
-        self._producer_config.update(producer_extra)
+        self._producer_config.update(producer_config)
         self._consumer: Any = None
         self._producer: Any = None
         self._fatal_errors: Tuple[type, ...] = ()

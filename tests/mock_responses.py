@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 Event = Dict[str, Any]
 
@@ -43,24 +43,16 @@ class Recorded:
 
     def function_call_outputs(self) -> List[str]:
         """The tool results (``function_call_output.output``) Codex sent back to the model."""
-        outputs = []
-        for item in self.input_items():
-            if item.get("type") == "function_call_output":
-                output = item.get("output")
-                outputs.append(output if isinstance(output, str) else json.dumps(output))
-        return outputs
+        outputs = [item.get("output") for item in self.input_items()
+                   if item.get("type") == "function_call_output"]
+        return [out if isinstance(out, str) else json.dumps(out) for out in outputs]
 
 
 def split_text(text: str, n: int) -> List[str]:
     """``text`` in ``n`` non-empty consecutive pieces (fewer if the text is shorter)."""
     n = max(1, min(n, len(text)))
-    size, rest = divmod(len(text), n)
-    pieces, pos = [], 0
-    for i in range(n):
-        step = size + (1 if i < rest else 0)
-        pieces.append(text[pos:pos + step])
-        pos += step
-    return pieces
+    bounds = [len(text) * i // n for i in range(n + 1)]
+    return [text[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
 def _response(resp_id: str, model: str, status: str, output: List[Any]) -> Dict[str, Any]:
@@ -133,14 +125,13 @@ class _Handler(BaseHTTPRequestHandler):
         owner._record(Recorded(self.path, dict(self.headers.items()), body))
         if not self.path.split("?")[0].rstrip("/").endswith("/responses"):
             return self._json(404, {"error": {"message": "not found"}})
-        step = owner._next()
+        step, n = owner._next()
         if step is None:
             return self._json(500, {"error": {"message": "mock: nothing scripted",
                                               "type": "server_error"}})
         if step["kind"] == "error":
             return self._json(step["status"], {"error": {"message": step["message"],
                                                          "type": "server_error"}})
-        n = owner._number()
         if step["kind"] == "text":
             events = text_events(step["text"], step["n_deltas"], f"resp_mock_{n}",
                                  f"msg_mock_{n}", owner.model)
@@ -148,12 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
             events = function_call_events(step["name"], step["arguments"],
                                           step["call_id"] or f"call_mock_{n}", f"resp_mock_{n}",
                                           f"fc_mock_{n}", owner.model)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
+        self._head(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             for event in events:
                 if step.get("delay") and event["type"] == "response.output_text.delta":
@@ -165,12 +151,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj: Any) -> None:
         data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
+        self._head(status, {"Content-Type": "application/json", "Content-Length": str(len(data))})
         self.wfile.write(data)
+
+    def _head(self, status: int, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in dict(headers, Connection="close").items():
+            self.send_header(name, value)
+        self.end_headers()
         self.close_connection = True
 
 
@@ -199,13 +187,11 @@ class MockResponsesServer:
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
+        if self._httpd is not None and self._thread is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
             self._thread.join(timeout=5)
-            self._thread = None
+        self._httpd = self._thread = None
 
     def __enter__(self) -> "MockResponsesServer":
         return self.start()
@@ -235,10 +221,6 @@ class MockResponsesServer:
     def add_error(self, status: int = 500, message: str = "mock error") -> None:
         self._add({"kind": "error", "status": status, "message": message})
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
     # Inspection.
 
     def response_requests(self) -> List[Recorded]:
@@ -263,13 +245,10 @@ class MockResponsesServer:
         with self._cond:
             self._queue.append(step)
 
-    def _next(self) -> Optional[Dict[str, Any]]:
+    def _next(self) -> Tuple[Optional[Dict[str, Any]], int]:
+        """The next scripted step (None: nothing left) and a number for its ids."""
         with self._cond:
-            return self._queue.pop(0) if self._queue else None
-
-    def _number(self) -> int:
-        with self._cond:
-            return next(self._ids)
+            return (self._queue.pop(0) if self._queue else None), next(self._ids)
 
     def _record(self, request: Recorded) -> None:
         with self._cond:

@@ -6,12 +6,15 @@ OpenAI Responses API that Codex reaches through its ``mock`` model provider.
 A missing Codex binary fails the tests (nothing skips).
 """
 
+import fcntl
 import json
 import os
 import queue
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import threading
 import time
 import uuid
@@ -90,7 +93,11 @@ def codex_home(mock_model: MockResponsesServer) -> Iterator[Path]:
     home.mkdir(parents=True)
     (home / "config.toml").write_text(CONFIG_TOML.format(base_url=mock_model.base_url))
     yield home
-    shutil.rmtree(home, ignore_errors=True)
+    for _ in range(5):  # a Codex that just exited may still be removing its sqlite files
+        shutil.rmtree(home, ignore_errors=True)
+        if not home.exists():
+            break
+        time.sleep(0.1)
     try:
         HOMES.rmdir()  # only when no other test's home is left
     except OSError:
@@ -173,12 +180,24 @@ def descendants(pid: int) -> List[int]:
     return found
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> Optional[str]:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z")
+
+
+def reapable(pid: int) -> bool:
+    """Dead for good: a zombie (or gone) whose every thread has exited, its pipes closed."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    return state(pid) in (None, "Z") and threads in ([], [str(pid)])
 
 
 def kill_if(pid: int, marker: str) -> None:
@@ -255,7 +274,7 @@ def kafka_messages(client: KafkaClient) -> List[Dict[str, Any]]:
 
 def test_initialize_answers_every_client(codex_server, topics, client, codex_home):
     server = codex_server(topics)
-    result = initialize(client, 1)
+    result = initialize(client, 101)
     assert result["platformOs"] == "linux", result
     assert result["platformFamily"] == "unix", result
     assert result["codexHome"] == str(codex_home), result  # the child got our environment
@@ -277,8 +296,8 @@ def test_initialize_answers_every_client(codex_server, topics, client, codex_hom
 
 def test_command_exec(codex_server, topics, client):
     codex_server(topics)
-    initialize(client, 1)
-    result = request(client, 2, "command/exec", {"command": ["echo", "hi"]})
+    initialize(client, 101)
+    result = request(client, 102, "command/exec", {"command": ["echo", "hi"]})
     assert result["stdout"] == "hi\n", result
     assert result["exitCode"] == 0, result
     assert_keyed_by_id(client)
@@ -286,8 +305,8 @@ def test_command_exec(codex_server, topics, client):
 
 def test_thread_start_reply_and_unkeyed_notification(codex_server, topics, client):
     codex_server(topics)
-    initialize(client, 1)
-    result = request(client, 2, "thread/start", {})
+    initialize(client, 101)
+    result = request(client, 102, "thread/start", {})
     thread = result["thread"]
     assert thread["id"], result
     assert (thread["model"], thread["modelProvider"]) == ("mock-model", "mock"), thread
@@ -299,10 +318,10 @@ def test_thread_start_reply_and_unkeyed_notification(codex_server, topics, clien
 def test_turn_streams_agent_message(codex_server, topics, client, mock_model):
     codex_server(topics)
     mock_model.add_text(MOCK_TEXT, n_deltas=4)
-    initialize(client, 1)
-    thread_id = request(client, 2, "thread/start", {})["thread"]["id"]
-    turn = request(client, 3, "turn/start", {"threadId": thread_id,
-                                             "input": text_input("say hello")})["turn"]
+    initialize(client, 101)
+    thread_id = request(client, 102, "thread/start", {})["thread"]["id"]
+    turn = request(client, 103, "turn/start", {"threadId": thread_id,
+                                               "input": text_input("say hello")})["turn"]
     done = notification(client, "turn/completed", threadId=thread_id)
     assert done["turn"]["id"] == turn["id"], done
     assert done["turn"]["status"] == "completed", done
@@ -331,12 +350,12 @@ def test_command_approval(codex_server, topics, client, mock_model, decision, st
     codex_server(topics)
     mock_model.add_exec_command("echo 42")
     mock_model.add_text(f"You chose {decision}.", n_deltas=2)
-    initialize(client, 1)
-    started = request(client, 2, "thread/start", {"approvalPolicy": "untrusted"})
+    initialize(client, 101)
+    started = request(client, 102, "thread/start", {"approvalPolicy": "untrusted"})
     assert started["approvalPolicy"] == "untrusted", started
     thread_id = started["thread"]["id"]
-    turn = request(client, 3, "turn/start", {"threadId": thread_id,
-                                             "input": text_input("run echo 42")})["turn"]
+    turn = request(client, 103, "turn/start", {"threadId": thread_id,
+                                               "input": text_input("run echo 42")})["turn"]
 
     key, ask = client.wait_for(lambda k, v: v.get("method") ==
                                "item/commandExecution/requestApproval" and "id" in v, WAIT)
@@ -364,7 +383,7 @@ def test_command_approval(codex_server, topics, client, mock_model, decision, st
 
 def test_two_clients_same_request_id(codex_server, topics, client):
     codex_server(topics)
-    initialize(client, 0)
+    initialize(client, 100)
     other = KafkaClient(topics)
     try:
         client.send({"id": 1, "method": "command/exec", "params": {"command": ["echo", "a"]}})
@@ -391,40 +410,62 @@ def test_two_clients_same_request_id(codex_server, topics, client):
 
 def test_codex_killed_fails_pending_then_restarts(codex_server, topics, client, codex_bin):
     server = codex_server(topics)
-    initialize(client, 1)
+    initialize(client, 101)
     codex_pids = [pid for pid in children(server.process.pid) if cmdline(pid)[:1] == [codex_bin]]
     assert len(codex_pids) == 1, (codex_pids, children(server.process.pid))
     codex_pid = codex_pids[0]
     assert logged_codex_pids(server) == [codex_pid], server.log
-    leftovers: List[int] = []
+    leftovers: Dict[int, str] = {}  # Codex's descendants: pid -> program, for cleanup
     try:
-        client.send({"id": 2, "method": "command/exec",
+        client.send({"id": 102, "method": "command/exec",
                      "params": {"command": ["sleep", "37"], "timeoutMs": 60000}})
         # The request is pending inside Codex once its sleep runs.
-        sleeps = wait_until(lambda: [pid for pid in descendants(codex_pid)
-                                     if cmdline(pid)[:2] == ["sleep", "37"]],
-                            WAIT, "codex did not start `sleep 37`")
-        leftovers = descendants(codex_pid)
+        wait_until(lambda: [pid for pid in descendants(codex_pid)
+                            if cmdline(pid)[:2] == ["sleep", "37"]],
+                   WAIT, "codex did not start `sleep 37`")
+        leftovers = {pid: cmdline(pid)[0] for pid in descendants(codex_pid) if cmdline(pid)}
         os.kill(codex_pid, signal.SIGKILL)
         killed_at = time.monotonic()
 
-        key, reply = client.reply(2, WAIT)
-        assert key == "2", (key, reply)
+        key, reply = client.reply(102, WAIT)
+        assert key == "102", (key, reply)
         assert reply["error"]["code"] == -32603, reply
+        assert "exited" in reply["error"]["message"], reply
         assert "signal 9" in reply["error"]["message"], reply
         assert time.monotonic() - killed_at < 20, "the error waited for the orphaned sleep"
-        assert sleeps  # (found above)
 
-        result = request(client, 3, "command/exec", {"command": ["echo", "after"]})
+        result = request(client, 103, "command/exec", {"command": ["echo", "after"]})
         assert result == {"exitCode": 0, "stdout": "after\n", "stderr": ""}, result
         pids = logged_codex_pids(server)
         assert len(pids) == 2 and pids[1] != codex_pid, server.log
         # A later initialize is answered from the first result, not "Already initialized".
-        again = request(client, 4, "initialize", {"clientInfo": CLIENT_INFO})
+        again = request(client, 104, "initialize", {"clientInfo": CLIENT_INFO})
         assert again["userAgent"].startswith(f"pytest/{CODEX_VERSION}"), again
+        # A late answer to the dead child's request 0 must not reach the new child, whose
+        # own ids restart at 0.
+        client.send({"id": 0, "result": {"decision": "accept"}})
+        server.wait_for_log("dropping a client answer to codex request 0", timeout=WAIT)
+        assert request(client, 105, "command/exec", {"command": ["echo", "still"]})["stdout"] \
+            == "still\n"
     finally:
-        for pid in leftovers:
-            kill_if(pid, "sleep")
+        for pid, program in leftovers.items():
+            kill_if(pid, program)
+    assert_keyed_by_id(client)
+
+
+def test_reply_too_large_for_kafka_becomes_an_error(codex_server, topics, client):
+    codex_server(topics)  # default --kafka-max-message-bytes: 1 MiB
+    initialize(client, 101)
+    big = 1_200_000
+    client.send({"id": 102, "method": "command/exec", "params": {
+        "command": ["sh", "-c", f"head -c {big} /dev/zero | tr '\\0' a"],
+        "disableOutputCap": True}})
+    key, reply = client.reply(102, WAIT)  # not silence: the client learns why
+    assert key == "102", (key, reply)
+    assert reply["error"]["code"] == -32603, reply
+    assert "too large" in reply["error"]["message"], reply
+    result = request(client, 103, "command/exec", {"command": ["echo", "small"]})
+    assert result["stdout"] == "small\n", result
     assert_keyed_by_id(client)
 
 
@@ -433,11 +474,20 @@ def test_codex_killed_fails_pending_then_restarts(codex_server, topics, client, 
 class StdioClient:
     """Lines to the server's stdin; its stdout read by a thread into a queue."""
 
-    def __init__(self, server: ServerProcess):
+    def __init__(self, server: ServerProcess, read: bool = True):
         self.server = server
         self.lines: "queue.Queue[Any]" = queue.Queue()
         self.seen: List[Dict[str, Any]] = []
+        if read:
+            self.start_reading()
+
+    def start_reading(self) -> None:
         threading.Thread(target=self._read, daemon=True, name="stdio-reader").start()
+
+    def unread_bytes(self) -> int:
+        """What the server wrote to stdout that nobody has read yet."""
+        count = fcntl.ioctl(self.server.process.stdout.fileno(), termios.FIONREAD, b"\0" * 4)
+        return struct.unpack("i", count)[0]
 
     def _read(self) -> None:
         for line in iter(self.server.process.stdout.readline, b""):
@@ -477,11 +527,11 @@ def test_turn_over_stdio(codex_server, mock_model):
     server = codex_server(stdin=subprocess.PIPE)
     stdio = StdioClient(server)
     mock_model.add_text(MOCK_TEXT, n_deltas=3)
-    init = stdio.request(1, "initialize", {"clientInfo": CLIENT_INFO})
+    init = stdio.request(11, "initialize", {"clientInfo": CLIENT_INFO})
     assert init["userAgent"].startswith(f"pytest/{CODEX_VERSION}"), init
     thread_id = stdio.request("thread", "thread/start", {})["thread"]["id"]
-    turn = stdio.request(3, "turn/start", {"threadId": thread_id,
-                                           "input": text_input("say hello")})["turn"]
+    turn = stdio.request(13, "turn/start", {"threadId": thread_id,
+                                            "input": text_input("say hello")})["turn"]
     done = stdio.wait_for(lambda m: m.get("method") == "turn/completed"
                           and m["params"]["threadId"] == thread_id)
     assert done["params"]["turn"]["id"] == turn["id"], done
@@ -496,6 +546,34 @@ def test_turn_over_stdio(codex_server, mock_model):
     assert server.process.wait(WAIT) == 0, server.log
     codex_pid = logged_codex_pids(server)[0]
     wait_until(lambda: not alive(codex_pid), 10, "codex child outlived the server")
+
+
+def test_request_after_crash_is_not_failed_by_the_dead_child(codex_server, codex_bin):
+    """Codex dies while the server is still relaying its last output (a slow reader of
+    stdout); a request sent after the restart must go to, and be answered by, the
+    new child, not failed in the name of the dead one."""
+    server = codex_server(stdin=subprocess.PIPE)
+    stdio = StdioClient(server, read=False)  # nobody reads stdout for now
+    stdio.send({"id": 21, "method": "initialize", "params": {"clientInfo": CLIENT_INFO}})
+    big = 300_000  # far more than a pipe holds: relaying this reply blocks
+    stdio.send({"id": 22, "method": "command/exec", "params": {
+        "command": ["sh", "-c", f"head -c {big} /dev/zero | tr '\\0' a"],
+        "disableOutputCap": True}})
+    wait_until(lambda: stdio.unread_bytes() >= 60_000, WAIT, "the server did not fill stdout")
+    old_pid = logged_codex_pids(server)[0]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: reapable(old_pid), WAIT, f"codex {old_pid} did not die")
+    stdio.send({"id": 23, "method": "command/exec", "params": {"command": ["echo", "after"]}})
+    server.wait_for_log("started codex app-server", count=2, timeout=WAIT)
+
+    stdio.start_reading()
+    two = stdio.wait_for(lambda m: "method" not in m and m.get("id") == 22)
+    assert two.get("result", {}).get("stdout") == "a" * big, str(two)[:300]
+    three = stdio.wait_for(lambda m: "method" not in m and m.get("id") == 23)
+    assert three == {"id": 23, "result": {"exitCode": 0, "stdout": "after\n", "stderr": ""}}, \
+        (three, server.log)
+    server.process.stdin.close()
+    assert server.process.wait(WAIT) == 0, server.log
 
 
 def test_codex_not_found(start_server, codex_env, topics):

@@ -43,9 +43,9 @@ def test_unknown_method_gets_method_not_found(topics, client, start_server):
 
 def test_notifications_are_produced_unkeyed(topics, client):
     # The transport on its own: a notification handed to send() lands without a key.
-    transport = rpc.KafkaTransport(topics.bootstrap, topics.input, topics.output, topics.group,
-                                   sink=None,
-                                   properties=dict(p.split("=") for p in TANSU_TUNING[1::2]))
+    properties = dict(p.split("=") for p in TANSU_TUNING[1::2])
+    properties.update({"bootstrap.servers": topics.bootstrap, "group.id": topics.group})
+    transport = rpc.KafkaTransport(topics.input, topics.output, sink=None, properties=properties)
     thread = threading.Thread(target=transport.serve_forever, daemon=True)
     thread.start()
     try:

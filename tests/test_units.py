@@ -41,13 +41,14 @@ def test_no_kafka_flag_means_stdio_only():
     args = parse([])
     assert args.stdio and not args.kafka
     assert args.backend == "codex"
-    assert args.kafka_offset_reset == "latest"
 
 
 def test_kafka_flags_without_stdio_turn_stdio_off():
     args = parse(kafka_argv())
     assert args.kafka and not args.stdio
-    assert args.kafka_client_id == "codex-app-server"
+    assert args.kafka_properties == {"bootstrap.servers": "127.0.0.1:9092", "group.id": "g",
+                                     "client.id": "codex-app-server",
+                                     "auto.offset.reset": "latest"}
     assert parse(kafka_argv() + ["--stdio"]).stdio
 
 
@@ -84,7 +85,8 @@ def test_illegal_topic_and_server_are_refused(capsys):
 def test_kafka_property_maps_and_rejects(capsys):
     args = parse(kafka_argv() + ["-X", "session.timeout.ms=2000", "--kafka-property",
                                  "linger.ms=5"])
-    assert args.kafka_properties == {"session.timeout.ms": "2000", "linger.ms": "5"}
+    assert args.kafka_properties["session.timeout.ms"] == "2000"
+    assert args.kafka_properties["linger.ms"] == "5"
     err = usage_error(kafka_argv() + ["-X", "no.such.key=1", "-X", "fetch.wait.max.ms=soon"],
                       capsys)
     assert "no.such.key: unknown property" in err
@@ -256,3 +258,96 @@ def test_every_help_flag_is_documented_and_every_documented_flag_exists():
     assert documented <= flags | {"--help"}, documented - flags
     for flag in re.findall(r"codex-app-server[^\n`]*?((?:--[a-z][a-z0-9-]+))", readme):
         assert flag in flags, f"README uses unknown flag {flag}"
+
+
+# --- configuration sources and secrets ---------------------------------------------
+
+def test_precedence_flags_over_x_over_env_over_file(tmp_path, monkeypatch):
+    config = tmp_path / "client.properties"
+    config.write_text("# written for kcat\nbootstrap.servers=file:1\ngroup.id=file-group\n"
+                      "linger.ms=1\nfetch.wait.max.ms=1\nsasl.username=file-user\n"
+                      "security.protocol=PLAINTEXT\n! another comment\n\n")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "env-user")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    args = parse(["--kafka-config", str(config), "--kafka-input-topic", "in",
+                  "--kafka-output-topic", "out", "-X", "linger.ms=7",
+                  "-X", "sasl.username=x-user", "-X", "bootstrap.servers=x:2",
+                  "--kafka-bootstrap-servers", "flag:3"])
+    props = args.kafka_properties
+    assert props["bootstrap.servers"] == "flag:3"  # flag > -X > file
+    assert props["group.id"] == "file-group"  # only the file has it: stands in for the flag
+    assert props["linger.ms"] == "7" and props["fetch.wait.max.ms"] == "1"
+    assert props["sasl.username"] == "x-user"  # -X > env > file
+    assert props["security.protocol"] == "SASL_PLAINTEXT"  # env > file
+
+
+def test_config_file_errors_name_every_unknown_key(tmp_path, capsys):
+    config = tmp_path / "bad.properties"
+    config.write_text("no.such=1\nlinger.ms=5\nother.unknown=2\n")
+    err = usage_error(kafka_argv() + ["--kafka-config", str(config)], capsys)
+    assert "no.such: unknown property" in err and "other.unknown: unknown property" in err
+    config.write_text("just a line\n")
+    assert "line 1: expected key=value" in usage_error(
+        kafka_argv() + ["--kafka-config", str(config)], capsys)
+    assert "--kafka-config" in usage_error(
+        kafka_argv() + ["--kafka-config", str(tmp_path / "missing")], capsys)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"KAFKA_SSL_CA": "/ca.pem"}, {"security.protocol": "SSL"}),
+    ({"KAFKA_SSL_CERT": "/c.pem", "KAFKA_SSL_KEY": "/k.pem"}, {"security.protocol": "SSL"}),
+    ({"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"},
+     {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN"}),
+    ({"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p", "KAFKA_SSL_CA": "/ca.pem",
+      "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"},
+     {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SASL_USERNAME": "u"},
+     {"security.protocol": "SSL"}),
+])
+def test_environment_and_inferred_security(env, expected, monkeypatch):
+    for name in rpc.ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    props = parse(kafka_argv()).kafka_properties
+    for key, value in expected.items():
+        assert props[key] == value
+    assert rpc.environment_properties(env).keys() <= props.keys()
+
+
+def test_every_sasl_and_ssl_setting_maps_to_kafka_python():
+    consumer, producer = rpc.client_config({
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "alice", "sasl.password": "pw", "ssl.ca.location": "/ca",
+        "ssl.certificate.location": "/cert", "ssl.key.location": "/key",
+        "ssl.key.password": "kp", "ssl.endpoint.identification.algorithm": "none"})
+    expected = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_plain_username": "alice", "sasl_plain_password": "pw",
+                "ssl_cafile": "/ca", "ssl_certfile": "/cert", "ssl_keyfile": "/key",
+                "ssl_password": "kp", "ssl_check_hostname": False}
+    assert consumer == expected and producer == expected
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        assert rpc.client_config({"sasl.mechanisms": mechanism})[0]["sasl_mechanism"] == mechanism
+    with pytest.raises(ValueError):
+        rpc.client_config({"sasl.mechanism": "GSSAPI"})
+
+
+def test_secrets_are_redacted_in_settings_line_errors_and_logs(capsys, monkeypatch):
+    assert rpc.redacted({"sasl.password": "hunter2", "ssl.key.password": "kp",
+                         "sasl.username": "alice"}) == \
+        "sasl.password=***, sasl.username=alice, ssl.key.password=***"
+    err = usage_error(kafka_argv() + ["-X", "sasl.password=hunter2", "-X", "linger.ms=x"],
+                      capsys)
+    assert "hunter2" not in err
+    # The log filter masks a secret whoever logs it (kafka-python at DEBUG included).
+    import logging
+    handler = logging.StreamHandler()
+    handler.addFilter(app._Redact(["hunter2"]))
+    record = logging.LogRecord("kafka.conn", logging.DEBUG, __file__, 1,
+                               "auth with %s failed", ("hunter2",), None)
+    handler.filter(record)
+    assert record.getMessage() == "auth with *** failed"
+    help_text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True,
+                               env={"KAFKA_SASL_PASSWORD": "hunter2", "PATH": "/usr/bin"},
+                               timeout=30).stdout
+    assert "hunter2" not in help_text
