@@ -195,16 +195,6 @@ def _topic(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _property(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -212,14 +202,20 @@ def _property(text: str) -> tuple:
     return key.strip(), value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+def _number(convert: Callable[[str], Any], minimum: float, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+    return parse
+
+
+_seconds = _number(float, 0, "a number of seconds")
+_positive_int = _number(int, 1, "a whole number")
 
 
 def configure_logging(level: str, secrets: Sequence[str] = ()) -> None:

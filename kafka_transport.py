@@ -636,9 +636,10 @@ class KafkaTransport:
                  ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
         self.ready.set()
 
-    def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False) -> None:
+    def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False,
+                force: bool = False) -> None:
         now = time.monotonic()
-        if not sync and now - self._last_commit < 0.1:
+        if not (sync or force) and now - self._last_commit < 0.1:
             return  # at most ten asynchronous commits a second
         self._last_commit = now
         points = self._offsets.commit_points(partitions)
@@ -683,8 +684,10 @@ class KafkaTransport:
 
     def _partitions_revoked(self, revoked: Any) -> None:
         # Commit what is done in partitions that move elsewhere; the rest is redelivered.
+        # Asynchronously: kafka-python 3 runs listeners on its IO thread, where a blocking
+        # commit is refused.
         revoked = set(revoked)
-        self._commit(revoked, sync=True)
+        self._commit(revoked, force=True)
         self._offsets.forget(revoked)
         self._backlog = collections.deque(item for item in self._backlog
                                           if item[0] not in revoked)

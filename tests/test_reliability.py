@@ -350,3 +350,36 @@ def test_bad_input_corpus_over_stdio(start_server):
     assert replies[-2] == {"jsonrpc": "2.0", "id": "big", "result": {}}
     assert replies[-1] == {"jsonrpc": "2.0", "id": "next", "result": {}}
     assert server.log.count("invalid payload from stdin") == len(lines) - 2
+
+
+def test_fatal_producer_error_replaces_the_producer(start_server):
+    # A restarted in-memory broker forgets producer ids: kafka-python's idempotent
+    # producer then fails for good, and only a fresh producer gets replies through.
+    port = local_broker.free_port()
+    broker = local_broker.start_broker(port)
+    try:
+        topics = Topics(broker.bootstrap)
+        server = start_server(topics.server_args(*BUILTIN)).wait_ready()
+        client = KafkaClient(topics)
+        client.send({"id": 1, "method": "noop"})
+        assert client.reply(1)[0] == "1"
+        client.close()
+        local_broker.stop_broker(broker)
+        broker = local_broker.start_broker(port)
+        topics.create()
+        client = KafkaClient(topics)
+        # The consumer keeps its old position on the new, empty log: the first records
+        # may fall below it, so keep asking until one is answered.
+        deadline = time.monotonic() + 60
+        for msg_id in range(100, 200):
+            client.send({"id": msg_id, "method": "noop"})
+            try:
+                assert client.reply(msg_id, timeout=3)[0] == str(msg_id)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, server.log[-3000:]
+        client.close()
+        assert "kafka producer hit a fatal error: replacing it" in server.log
+        assert server.stop() == 0
+    finally:
+        local_broker.stop_broker(broker)
