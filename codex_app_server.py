@@ -256,7 +256,7 @@ class Server:
         self.processor = Processor(backend_factory, queue_size)
         self.transports: List[Any] = []
         self._signals = 0
-        self._failed = False
+        self._failed = 0  # the exit status a failed transport asks for
 
     def add_kafka(self, args: argparse.Namespace) -> None:
         if args.kafka_inferred:
@@ -265,7 +265,8 @@ class Server:
         transport = rpc.KafkaTransport(
             args.kafka_input_topic, args.kafka_output_topic, self.processor,
             args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
-            dead_letter_topic=args.kafka_dead_letter_topic)
+            dead_letter_topic=args.kafka_dead_letter_topic,
+            connect_timeout=args.kafka_connect_timeout)
         self.transports.append(transport)
 
     def add_stdio(self) -> None:
@@ -290,7 +291,7 @@ class Server:
         while not self.shutdown_event.wait(0.5):
             pass
         status = self._shutdown(processor_thread)
-        return 1 if self._failed else status
+        return self._failed or status
 
     def shutdown(self) -> None:
         self.shutdown_event.set()
@@ -298,10 +299,14 @@ class Server:
     def _serve_transport(self, transport: Any) -> None:
         try:
             transport.serve_forever()
+        except rpc.FatalKafkaError as exc:
+            log.error("%s", exc)  # one line naming the cause: no traceback to wade through
+            self._failed = 3
+            self.shutdown_event.set()
         except BaseException:
             # A transport without its loop would accept nothing: stop rather than linger.
             log.exception("%s transport failed; shutting down", transport.name)
-            self._failed = True
+            self._failed = 1
             self.shutdown_event.set()
 
     def _shutdown(self, processor_thread: threading.Thread) -> int:

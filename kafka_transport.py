@@ -19,6 +19,10 @@ import functools
 import heapq
 import json
 import logging
+import os
+import re
+import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
@@ -339,6 +343,131 @@ def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[s
     return consumer, producer
 
 
+# --- security checks --------------------------------------------------------
+# kafka-python reports every TLS or SASL failure as a bare "Unable to bootstrap"
+# after its timeout (and can hang, or prompt on the terminal for a key password):
+# these checks name the cause at once.
+
+class FatalKafkaError(Exception):
+    """A Kafka setup failure that retrying cannot fix (the server exits 3)."""
+
+
+def ssl_context(config: Mapping[str, Any]) -> Optional[ssl.SSLContext]:
+    """The TLS context for kafka-python's ``ssl_context``, or None without TLS.
+
+    Building it here loads every file and the key password once, up front."""
+    if config.get("security_protocol") not in ("SSL", "SASL_SSL"):
+        return None
+    cafile, certfile, keyfile = (config.get(name) for name in
+                                 ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+    for prop, path in (("ssl.ca.location", cafile), ("ssl.certificate.location", certfile),
+                       ("ssl.key.location", keyfile)):
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "does not exist" if not os.path.exists(path) else \
+                "is not a readable file"
+            raise FatalKafkaError(f"{prop} {path} {problem}")
+    if keyfile and not certfile:
+        raise FatalKafkaError("ssl.key.location is set without ssl.certificate.location")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as exc:
+        raise FatalKafkaError(f"ssl.ca.location {cafile} holds no usable PEM certificate "
+                              f"({exc.reason})") from None
+    context.check_hostname = config.get("ssl_check_hostname", True)
+    if certfile:
+        password = config.get("ssl_password")
+
+        def ask() -> str:
+            if password is None:
+                raise FatalKafkaError(f"the private key {keyfile or certfile} is encrypted but "
+                                      "no ssl.key.password (KAFKA_SSL_KEY_PASSWORD) is set")
+            return password
+        try:
+            context.load_cert_chain(certfile, keyfile, password=ask)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise FatalKafkaError(f"the private key {keyfile} does not belong to the "
+                                      f"certificate {certfile}") from None
+            if password is not None:
+                raise FatalKafkaError(f"ssl.key.password does not decrypt the private key "
+                                      f"{keyfile or certfile} (wrong password?)") from None
+            raise FatalKafkaError(f"cannot load the client certificate {certfile}: "
+                                  f"{exc.reason or exc}") from None
+    return context
+
+
+def check_tls(servers: Iterable[str], context: ssl.SSLContext, has_cert: bool,
+              timeout: float) -> None:
+    """Handshake with each bootstrap server.  FatalKafkaError for what retrying cannot fix;
+    OSError (retry) for a refused, reset or silent connection."""
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        host = host.strip("[]")
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=host) as tls:
+                    # TLS 1.3: a refused client certificate arrives as an alert after
+                    # the handshake, so listen briefly.
+                    tls.settimeout(0.5)
+                    try:
+                        tls.recv(1)
+                    except socket.timeout:
+                        pass
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalKafkaError(f"the certificate of {server} is not trusted "
+                                      f"({exc.verify_message}); check ssl.ca.location "
+                                      "(KAFKA_SSL_CA)") from None
+            except socket.timeout:
+                raise OSError(f"{server} accepted the connection but sent no TLS handshake "
+                              "reply (a PLAINTEXT listener?)") from None
+            except ssl.SSLError as exc:
+                reason = exc.reason or str(exc)
+                if "ALERT" not in reason:
+                    raise OSError(f"TLS with {server} failed: {reason}") from None
+                hint = "" if has_cert else (" (the broker probably requires a client "
+                                            "certificate: set ssl.certificate.location)")
+                raise FatalKafkaError(f"{server} refused the TLS handshake: "
+                                      f"{reason.lower().replace('_', ' ')}{hint}") from None
+
+
+_SASL_FAILURE = re.compile(r"SaslAuthenticationFailed|Authentication failed|UnsupportedSasl"
+                           r"|IllegalSaslState|Abort \('v'\)|Connection lost: 'v'")
+_RETRYABLE = re.compile(r"refused|timed out|timeout|unreachable|no route|name or service|"
+                        r"nodename|temporary failure", re.IGNORECASE)
+
+
+class _ClientLog(logging.Handler):
+    """Holds kafka-python's warnings during one connection attempt instead of printing
+    them (a failed attempt logs them dozens of times); the first one is the cause."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("kafka")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_ClientLog":
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = True
+
+    def sasl_failure(self) -> Optional[str]:
+        message = next((m for m in self.messages if _SASL_FAILURE.search(m)), None)
+        if message and "'v'" in message:
+            # kafka-python's KeyError('v'): the SCRAM answer had an error, not a signature.
+            return "the broker rejected the credentials (its SCRAM answer carried an error)"
+        return message
+
+    def cause(self) -> Optional[str]:
+        return self.messages[0] if self.messages else None
+
+
 # --- the transport --------------------------------------------------------
 
 Done = Callable[[], None]
@@ -371,12 +500,13 @@ class KafkaTransport:
 
     def __init__(self, input_topic: str, output_topic: str, sink: Any,
                  properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
-                 dead_letter_topic: Optional[str] = None,
+                 dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
                  poll_interval: float = 0.1):
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
+        self.connect_timeout = connect_timeout
         self._sink = sink
         self._poll_ms = int(poll_interval * 1000)
         consumer_config, producer_config = client_config(properties)
@@ -522,34 +652,55 @@ class KafkaTransport:
         self._fatal_errors = tuple(getattr(errors, name) for name in (
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError",
             "IllegalStateError") if hasattr(errors, name))
+        context = ssl_context(self._consumer_config)
+        attempt_ms = int(min(5.0, max(1.0, self.connect_timeout / 3)) * 1000)
         for config, client in ((self._producer_config, kafka.KafkaProducer),
                                (self._consumer_config, kafka.KafkaConsumer)):
+            if context is not None:
+                config["ssl_context"] = context
             if "bootstrap_timeout_ms" in client.DEFAULT_CONFIG:
                 # Short attempts: the loop below retries, with a warning each time.
-                config.setdefault("bootstrap_timeout_ms", 5000)
+                config.setdefault("bootstrap_timeout_ms", attempt_ms)
+        servers = self._consumer_config["bootstrap_servers"]
+        deadline = time.monotonic() + self.connect_timeout
         delay = 0.5
         attempt = 0
         while not self._shutdown.is_set():
             attempt += 1
-            try:
-                self._producer = kafka.KafkaProducer(**self._producer_config)
-                self._consumer = kafka.KafkaConsumer(**self._consumer_config)
-            except errors.KafkaError as exc:
-                if self._producer is not None:
-                    self._producer.close(timeout=0)
-                    self._producer = None
-                log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
-                            ",".join(self._consumer_config["bootstrap_servers"]), attempt, exc,
-                            delay)
-                if self._shutdown.wait(delay):
-                    break
-                delay = min(delay * 2, 30.0)
-                continue
-            self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
-            log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
-                     self._consumer_config["group_id"])
-            return True
-        return False
+            with _ClientLog() as client_log:
+                try:
+                    if context is not None:
+                        check_tls(servers, context, "ssl_certfile" in self._consumer_config,
+                                  timeout=attempt_ms / 1000)
+                    self._producer = kafka.KafkaProducer(**self._producer_config)
+                    self._consumer = kafka.KafkaConsumer(**self._consumer_config)
+                except (errors.KafkaError, OSError) as exc:
+                    cause = client_log.sasl_failure()
+                    if cause:
+                        raise FatalKafkaError(
+                            f"SASL {self._consumer_config.get('sasl_mechanism')} login as "
+                            f"{self._consumer_config.get('sasl_plain_username')!r} failed: "
+                            f"{cause}") from None
+                    cause = client_log.cause() or str(exc)
+            if self._consumer is not None:
+                break
+            if self._producer is not None:
+                self._producer.close(timeout=0)
+                self._producer = None
+            if not _RETRYABLE.search(cause) and time.monotonic() > deadline:
+                raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
+                                      f"--kafka-connect-timeout: {cause}")
+            log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
+                        ",".join(servers), attempt, cause, delay)
+            if self._shutdown.wait(delay):
+                return False
+            delay = min(delay * 2, 30.0)
+        else:
+            return False
+        self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
+        log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
+                 self._consumer_config["group_id"])
+        return True
 
     def _consume(self) -> None:
         consumer = self._consumer

@@ -75,8 +75,9 @@ def broker():
 
 
 class Topics:
-    def __init__(self, bootstrap: str, create: bool = True):
+    def __init__(self, bootstrap: str, create: bool = True, **client_settings: Any):
         self.bootstrap = bootstrap
+        self.client_settings = client_settings
         base = "t" + uuid.uuid4().hex[:10]
         self.input = base + ".in"
         self.output = base + ".out"
@@ -85,7 +86,8 @@ class Topics:
             self.create()
 
     def create(self) -> None:
-        local_broker.create_topics(self.bootstrap, [self.input, self.output])
+        local_broker.create_topics(self.bootstrap, [self.input, self.output],
+                                   **self.client_settings)
 
     def server_args(self, *extra: str, group: Optional[str] = None) -> List[str]:
         return ["--kafka-bootstrap-servers", self.bootstrap, "--kafka-input-topic", self.input,
@@ -170,9 +172,9 @@ class KafkaClient:
     def __init__(self, topics: Topics):
         from kafka import KafkaConsumer, KafkaProducer, TopicPartition
         self.topics = topics
-        self.producer = KafkaProducer(bootstrap_servers=topics.bootstrap, acks="all")
-        self.consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap,
-                                      enable_auto_commit=False, fetch_max_wait_ms=10)
+        settings = dict(topics.client_settings, bootstrap_servers=topics.bootstrap)
+        self.producer = KafkaProducer(acks="all", **settings)
+        self.consumer = KafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=10, **settings)
         self.consumer.assign([TopicPartition(topics.output, 0)])
         self.consumer.seek_to_beginning()
         self.seen: List[Reply] = []
