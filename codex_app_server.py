@@ -12,6 +12,7 @@ backends finish, then transports flush, commit and close.
 """
 
 import argparse
+import collections
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import kafka_transport as rpc
 
@@ -352,16 +353,17 @@ class Processor:
 
     ``done`` is the transport's acknowledgement: a request's backend passes it
     along with the reply; for anything else it runs once the backend has it.
+    The processor takes everything queued at once, so a burst crosses threads
+    in one hand-off rather than one per message.
     """
-
-    _STOP = object()
 
     def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000):
         self._factory = backend_factory
-        self._queue: "queue.Queue[Any]" = queue.Queue()
-        # Slots bound the queue; the stop marker needs none, so stop() never blocks.
-        self._slots = threading.Semaphore(queue_size)
+        self._items: Deque[Tuple[Any, Message, rpc.Done]] = collections.deque()
+        self._changed = threading.Condition()
+        self._capacity = queue_size
         self._low_water = max(1, queue_size // 2)
+        self._stopping = False
         self._backends: Dict[Any, Backend] = {}
 
     def register(self, transport: Any) -> None:
@@ -369,45 +371,60 @@ class Processor:
 
     def submit(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing) -> None:
         """Queue one validated message, waiting for room (stdio's backpressure)."""
-        self._slots.acquire()
-        self._queue.put((transport, message, done))
+        with self._changed:
+            while len(self._items) >= self._capacity:
+                self._changed.wait()
+            self._items.append((transport, message, done))
+            self._changed.notify_all()
 
-    def offer(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing) -> bool:
-        """Queue one message if there is room; False when full (Kafka pauses then)."""
-        if not self._slots.acquire(blocking=False):
-            return False
-        self._queue.put((transport, message, done))
-        return True
+    def offer(self, transport: Any, items: Sequence[Tuple[Message, rpc.Done]]) -> int:
+        """Queue as many (message, done) pairs as there is room for; return how many.
+        Kafka pauses its partitions when not all were taken."""
+        with self._changed:
+            taken = items[:max(0, self._capacity - len(self._items))]
+            if taken:
+                self._items.extend((transport, message, done) for message, done in taken)
+                self._changed.notify_all()
+        return len(taken)
 
     def has_room(self) -> bool:
         """Below the low-water mark: a paused transport may resume."""
-        return self._queue.qsize() < self._low_water
+        return len(self._items) < self._low_water
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
     def serve_forever(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is self._STOP:
+            with self._changed:
+                while not self._items and not self._stopping:
+                    self._changed.wait()
+                if not self._items:
+                    return
+                batch = list(self._items)
+                self._items.clear()
+                self._changed.notify_all()  # room again for a waiting stdio reader
+            for transport, message, done in batch:
+                self._handle(transport, message, done)
+
+    def _handle(self, transport: Any, message: Message, done: rpc.Done) -> None:
+        kind = rpc.kind(message)
+        try:
+            self._backends[transport].handle(message, done)
+        except Exception:
+            log.exception("backend failed on a %s message", kind)
+            if kind == rpc.REQUEST:
+                transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR,
+                                                  "internal error in codex-app-server"), done)
                 return
-            self._slots.release()
-            transport, message, done = item
-            kind = rpc.kind(message)
-            try:
-                self._backends[transport].handle(message, done)
-            except Exception:
-                log.exception("backend failed on a %s message", kind)
-                if kind == rpc.REQUEST:
-                    transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR,
-                                                      "internal error in codex-app-server"), done)
-                    continue
-            if kind != rpc.REQUEST:
-                done()
+        if kind != rpc.REQUEST:
+            done()
 
     def stop(self) -> None:
         """Finish what is queued, then return from serve_forever."""
-        self._queue.put(self._STOP)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
 
     def close_backend(self, transport: Any, deadline: float) -> None:
         backend = self._backends.get(transport)

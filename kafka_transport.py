@@ -16,7 +16,6 @@ Public entry points, in reading order:
 
 import collections
 import functools
-import heapq
 import json
 import logging
 import os
@@ -485,8 +484,8 @@ class KafkaTransport:
     its partition are done.  Whoever answers a request calls ``send(reply,
     done)``, and ``done`` runs when the broker acknowledged the reply.
 
-    ``sink`` is the processor: ``sink.offer(transport, message, done) -> bool``
-    takes a message or says it is full; ``sink.has_room() -> bool`` says it is
+    ``sink`` is the processor: ``sink.offer(transport, [(message, done), ...])``
+    takes as many as it has room for and returns how many; ``sink.has_room() -> bool`` says it is
     below its low-water mark.  While it is full the partitions are paused, and
     polling goes on so the group membership stays alive.
 
@@ -577,6 +576,7 @@ class KafkaTransport:
     # Producing ---------------------------------------------------------
 
     def _produce(self, send: "_Send", first: bool = True) -> None:
+        send.transport = self
         if first:
             with self._lock:
                 self._unacked += 1
@@ -590,8 +590,8 @@ class KafkaTransport:
         except Exception as exc:
             self._failed(send, exc)
             return
-        future.add_callback(lambda metadata: self._acknowledged(send))
-        future.add_errback(lambda exc: self._failed(send, exc))
+        future.add_callback(send.acknowledged)
+        future.add_errback(send.failed)
 
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
@@ -718,13 +718,13 @@ class KafkaTransport:
             if not self._ready and consumer.assignment():
                 self._announce_ready()
             for partition, records in batches.items():
-                for record in records:
-                    self._take(partition, record)
+                dones = self._offsets.taken(partition, [record.offset for record in records])
+                for record, done in zip(records, dones):
+                    self._take(partition, record, done)
             self._offer_backlog()
             self._commit()
 
-    def _take(self, partition: Any, record: Any) -> None:
-        done = self._offsets.taken(partition, record.offset)
+    def _take(self, partition: Any, record: Any, done: Done) -> None:
         try:
             message = decode(record.value or b"")
         except InvalidMessage as exc:
@@ -733,11 +733,11 @@ class KafkaTransport:
         self._backlog.append((partition, message, done))
 
     def _offer_backlog(self) -> None:
-        while self._backlog:
-            partition, message, done = self._backlog[0]
-            if not self._sink.offer(self, message, done):
-                break
-            self._backlog.popleft()
+        if self._backlog:
+            taken = self._sink.offer(self, [(message, done) for _, message, done in
+                                            self._backlog])
+            for _ in range(taken):
+                self._backlog.popleft()
         assigned = self._consumer.assignment()
         if self._backlog and not self._paused and assigned:
             log.info("processor queue full: pausing %s", self.input_topic)
@@ -850,7 +850,7 @@ class KafkaTransport:
 class _Send:
     """One record to produce, with what to call once the broker has it."""
 
-    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due")
+    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due", "transport")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done):
@@ -861,6 +861,14 @@ class _Send:
         self.done = done
         self.attempt = 0
         self.due = 0.0
+        self.transport: Any = None
+
+    # Future callbacks: bound methods, so no closure is made per record.
+    def acknowledged(self, metadata: Any) -> None:
+        self.transport._acknowledged(self)
+
+    def failed(self, error: Any) -> None:
+        self.transport._failed(self, error)
 
 
 class OffsetTracker:
@@ -869,27 +877,31 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: Dict[Any, List[int]] = {}  # heap of taken, not yet done offsets
-        self._done: Dict[Any, Set[int]] = {}  # done offsets still inside the heap
+        self._pending: Dict[Any, Deque[int]] = {}  # taken, not yet done, in offset order
+        self._done: Dict[Any, Set[int]] = {}  # done out of order, still behind the first
         self._next: Dict[Any, int] = {}  # offset after the last one taken
         self._asked: Dict[Any, int] = {}  # last commit point handed out
 
-    def taken(self, partition: Any, offset: int) -> Done:
+    def taken(self, partition: Any, offsets: List[int]) -> List["functools.partial[None]"]:
+        """Record offsets (ascending) as taken; each gets its ``done`` callable."""
         with self._lock:
-            heapq.heappush(self._pending.setdefault(partition, []), offset)
+            self._pending.setdefault(partition, collections.deque()).extend(offsets)
             self._done.setdefault(partition, set())
-            self._next[partition] = offset + 1
-        return functools.partial(self._finish, partition, offset)
+            self._next[partition] = offsets[-1] + 1
+        return [functools.partial(self._finish, partition, offset) for offset in offsets]
 
     def _finish(self, partition: Any, offset: int) -> None:
         with self._lock:
-            heap = self._pending.get(partition)
-            if heap is None:
+            pending = self._pending.get(partition)
+            if pending is None:
                 return  # revoked meanwhile: the new owner reads it again
+            if pending[0] != offset:
+                self._done[partition].add(offset)  # out of order: wait for the earlier ones
+                return
+            pending.popleft()
             done = self._done[partition]
-            done.add(offset)
-            while heap and heap[0] in done:
-                done.discard(heapq.heappop(heap))
+            while pending and pending[0] in done:
+                done.discard(pending.popleft())
 
     def commit_points(self, partitions: Optional[Iterable[Any]] = None) -> Dict[Any, int]:
         """{partition: offset to commit} for partitions whose point moved since asked."""
@@ -898,8 +910,8 @@ class OffsetTracker:
             for partition in (self._next if partitions is None else partitions):
                 if partition not in self._next:
                     continue
-                heap = self._pending[partition]
-                point = heap[0] if heap else self._next[partition]
+                pending = self._pending[partition]
+                point = pending[0] if pending else self._next[partition]
                 if self._asked.get(partition) != point:
                     points[partition] = self._asked[partition] = point
             return points

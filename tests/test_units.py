@@ -351,3 +351,23 @@ def test_secrets_are_redacted_in_settings_line_errors_and_logs(capsys, monkeypat
                                env={"KAFKA_SASL_PASSWORD": "hunter2", "PATH": "/usr/bin"},
                                timeout=30).stdout
     assert "hunter2" not in help_text
+
+
+def test_offset_tracker_commits_only_up_to_the_first_unfinished():
+    tracker = rpc.OffsetTracker()
+    done = dict(zip(range(10, 15), tracker.taken("p0", list(range(10, 15)))))
+    assert tracker.commit_points() == {"p0": 10}  # nothing done yet
+    done[11]()
+    done[12]()
+    assert tracker.commit_points() == {}  # 10 still open: the point has not moved
+    done[10]()
+    assert tracker.commit_points() == {"p0": 13}  # 10..12 done, in any order
+    tracker.commit_failed({"p0": 13})
+    assert tracker.commit_points() == {"p0": 13}  # a failed commit is asked again
+    done[14]()
+    done[13]()
+    assert tracker.commit_points() == {"p0": 15}
+    [late] = tracker.taken("p1", [0])
+    tracker.forget(["p1"])
+    late()  # done after a revoke: ignored, no error
+    assert tracker.commit_points() == {}
