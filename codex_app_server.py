@@ -257,6 +257,7 @@ class Server:
         self.processor = Processor(backend_factory, queue_size)
         self.transports: List[Any] = []
         self._signals = 0
+        self._signalled = 0  # the first signal's number
         self._failed = 0  # the exit status a failed transport asks for
 
     def add_kafka(self, args: argparse.Namespace) -> None:
@@ -289,8 +290,13 @@ class Server:
         log.info("codex-app-server %s serving on %s", __version__,
                  " and ".join(t.name for t in self.transports))
         # A timed wait keeps the main thread responsive to signals on every platform.
-        while not self.shutdown_event.wait(0.5):
-            pass
+        # The signal handler only sets a number: Event.set() there could deadlock against
+        # this very thread inside Event.wait(), which holds the Event's lock.
+        while not (self.shutdown_event.is_set() or self._signalled):
+            time.sleep(0.2)
+        if self._signalled:
+            log.info("received %s", signal.Signals(self._signalled).name)
+            self.shutdown_event.set()
         status = self._shutdown(processor_thread)
         return self._failed or status
 
@@ -335,8 +341,7 @@ class Server:
             sys.stderr.write(f"codex-app-server: second {signal.Signals(signum).name}, "
                              "exiting now\n")
             os._exit(128 + signum)
-        log.info("received %s", signal.Signals(signum).name)
-        self.shutdown_event.set()
+        self._signalled = signum
 
     def _stdio_closed(self) -> None:
         if len(self.transports) == 1:
@@ -418,7 +423,10 @@ class Processor:
                                                   "internal error in codex-app-server"), done)
                 return
         if kind != rpc.REQUEST:
-            done()
+            try:
+                done()
+            except Exception:  # the processor thread must outlive any one message
+                log.exception("acknowledging a %s message failed", kind)
 
     def stop(self) -> None:
         """Finish what is queued, then return from serve_forever."""
@@ -556,6 +564,7 @@ class CodexBackend(Backend):
         self._init_params: Optional[Any] = None
         self._init_result: Optional[Any] = None
         self._init_waiting: List[Pending] = []  # initialize requests waiting for the first one
+        self._closed = False
 
     def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
         kind = rpc.kind(message)
@@ -575,7 +584,8 @@ class CodexBackend(Backend):
             with self._lock:
                 # Backpressure: a slow Codex holds the processor, so the queue fills and
                 # the transports stop reading, instead of requests piling up here.
-                while len(child.pending) >= self._max_in_flight and child.alive():
+                while len(child.pending) >= self._max_in_flight and child.alive() \
+                        and not self._closed:
                     self._lock.wait(1.0)
                 our_id = self._new_id()
                 child.pending[our_id] = (message, done)
@@ -583,13 +593,25 @@ class CodexBackend(Backend):
                     self._init_params = message.get("params", {})
             if child.write(dict(message, id=our_id)):
                 return
-            # Never delivered: the child is dying.  Its exit must not fail this request.
+            # Never delivered: the child is dying.  Unless its exit has answered the request
+            # already, take it back and try a fresh child once.
             with self._lock:
-                child.pending.pop(our_id, None)
+                if child.pending.pop(our_id, None) is None:
+                    return
             child.wait(5.0)
+        with self._lock:
+            waiting = []
+            if message["method"] == "initialize" and self._init_result is None:
+                self._init_params = None  # the next initialize goes to Codex again
+                waiting, self._init_waiting = self._init_waiting, []
+        for request, request_done in [(message, done)] + waiting:
+            self.transport.send(rpc.error_response(
+                request["id"], rpc.INTERNAL_ERROR, "codex app-server is not available: it "
+                "exited before it could take the request"), request_done)
 
     def close(self, deadline: float) -> None:
         with self._lock:
+            self._closed = True
             child = self._child
             while child and child.pending and time.monotonic() < deadline:
                 self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
@@ -665,6 +687,13 @@ class CodexBackend(Backend):
         with self._lock:
             if self._child is not None and self._child.alive():
                 return self._child
+            closed = self._closed
+        if closed:  # shutting down: no new child that nothing would stop
+            if rpc.kind(message) == rpc.REQUEST:
+                self.transport.send(rpc.error_response(
+                    message["id"], rpc.INTERNAL_ERROR, "codex-app-server is shutting down"),
+                    done)
+            return None
         try:
             child = CodexChild(self._argv, self._from_child, self._child_exited)
         except OSError as exc:

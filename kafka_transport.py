@@ -506,6 +506,7 @@ class KafkaTransport:
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
         self.connect_timeout = connect_timeout
+        self.max_unacked = 10000
         self._sink = sink
         self._poll_ms = int(poll_interval * 1000)
         consumer_config, producer_config = client_config(properties)
@@ -517,6 +518,7 @@ class KafkaTransport:
         self._consumer: Any = None
         self._producer: Any = None
         self._fatal_errors: Tuple[type, ...] = ()
+        self._permanent_errors: Tuple[type, ...] = ()
         self._producer_broken = False
         self._offsets = OffsetTracker()
         self._backlog: Deque[Tuple[Any, Message, Done]] = collections.deque()
@@ -580,7 +582,7 @@ class KafkaTransport:
         if first:
             with self._lock:
                 self._unacked += 1
-        producer = self._producer
+        producer = send.producer = self._producer
         if producer is None:
             self._failed(send, "not connected to kafka yet")
             return
@@ -599,8 +601,14 @@ class KafkaTransport:
         send.done()
 
     def _failed(self, send: "_Send", error: Any) -> None:
-        if isinstance(error, self._fatal_errors):
-            self._producer_broken = True
+        if isinstance(error, self._permanent_errors):
+            # Sending it again cannot work: give it up, or its offset would never commit.
+            log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
+                      error)
+            self._acknowledged(send)
+            return
+        if isinstance(error, self._fatal_errors) and send.producer is self._producer:
+            self._producer_broken = True  # (a send that raced a replacement says nothing)
         send.attempt += 1
         delay = min(0.1 * 2 ** send.attempt, 5.0)
         send.due = time.monotonic() + delay
@@ -616,8 +624,11 @@ class KafkaTransport:
         with self._lock:
             due = [send for send in self._retries if send.due <= now]
             self._retries = [send for send in self._retries if send.due > now]
-        for send in due:
+        for send in due[:100]:  # a bounded pass: the consumer must get back to poll()
             self._produce(send, first=False)
+        if len(due) > 100:
+            with self._lock:
+                self._retries.extend(due[100:])
 
     def _replace_producer(self) -> None:
         # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
@@ -630,8 +641,7 @@ class KafkaTransport:
             log.warning("cannot create a new kafka producer: %s", exc)
             return
         self._producer_broken = False
-        if old is not None:
-            old.close(timeout=0)
+        _close_producer(old, 0)
 
     def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
         over = size - self.max_message_bytes
@@ -650,8 +660,11 @@ class KafkaTransport:
         kafka = _import_kafka()
         errors = kafka.errors
         self._fatal_errors = tuple(getattr(errors, name) for name in (
-            "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError",
-            "IllegalStateError") if hasattr(errors, name))
+            "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
+            if hasattr(errors, name))
+        self._permanent_errors = (ValueError, TypeError) + tuple(getattr(errors, name) for name in (
+            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError",
+            "TopicAuthorizationFailedError") if hasattr(errors, name))
         context = ssl_context(self._consumer_config)
         attempt_ms = int(min(5.0, max(1.0, self.connect_timeout / 3)) * 1000)
         for config, client in ((self._producer_config, kafka.KafkaProducer),
@@ -685,7 +698,7 @@ class KafkaTransport:
             if self._consumer is not None:
                 break
             if self._producer is not None:
-                self._producer.close(timeout=0)
+                _close_producer(self._producer, 0)
                 self._producer = None
             if not _RETRYABLE.search(cause) and time.monotonic() > deadline:
                 raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
@@ -739,11 +752,16 @@ class KafkaTransport:
             for _ in range(taken):
                 self._backlog.popleft()
         assigned = self._consumer.assignment()
-        if self._backlog and not self._paused and assigned:
-            log.info("processor queue full: pausing %s", self.input_topic)
+        # Replies the broker has not acknowledged are held too (a broker that takes
+        # nothing must not make them pile up): they count against the same bound.
+        unacked = self._unacked
+        if (self._backlog or unacked >= self.max_unacked) and not self._paused and assigned:
+            log.info("%s: pausing %s", "processor queue full" if self._backlog else
+                     f"{unacked} replies not yet acknowledged by kafka", self.input_topic)
             self._consumer.pause(*assigned)
             self._paused = True
-        elif self._paused and not self._backlog and self._sink.has_room():
+        elif self._paused and not self._backlog and self._sink.has_room() \
+                and unacked < self.max_unacked // 2:
             log.info("processor queue has room: resuming %s", self.input_topic)
             self._consumer.resume(*self._consumer.paused())
             self._paused = False
@@ -758,7 +776,9 @@ class KafkaTransport:
                        ("__connect.errors.offset", str(record.offset).encode()),
                        ("__connect.errors.exception.class.name", b"InvalidMessage"),
                        ("__connect.errors.exception.message", error.reason.encode())]
-            sends.append(_Send(self.dead_letter_topic, record.key, record.value, headers, nothing))
+            # A record with neither key nor value cannot be produced as is: keep it, empty.
+            value = record.value if record.value is not None or record.key is not None else b""
+            sends.append(_Send(self.dead_letter_topic, record.key, value, headers, nothing))
         if error.id is not None:
             reply = error_response(error.id, error.code, error.reason)
             sends.append(_Send(self.output_topic, reply_key(reply), encode(reply), None, nothing))
@@ -793,7 +813,7 @@ class KafkaTransport:
         if not (sync or force) and now - self._last_commit < 0.1:
             return  # at most ten asynchronous commits a second
         self._last_commit = now
-        points = self._offsets.commit_points(partitions)
+        points = self._offsets.commit_points(partitions, again=sync)
         if not points:
             return
         offsets = {tp: _offset_and_metadata(offset) for tp, offset in points.items()}
@@ -826,10 +846,9 @@ class KafkaTransport:
             if self._unacked:
                 log.warning("shutdown timeout: %d messages not acknowledged by kafka",
                             self._unacked)
-        if self._producer is not None:
-            self._producer.close(timeout=1)
+        _close_producer(self._producer, 1)
         log.info("committing kafka offsets")
-        self._commit(sync=True)
+        self._commit(sync=True, force=True)
         log.info("closing kafka consumer")
         self._consumer.close(autocommit=False)
 
@@ -850,7 +869,8 @@ class KafkaTransport:
 class _Send:
     """One record to produce, with what to call once the broker has it."""
 
-    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due", "transport")
+    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due", "transport",
+                 "producer")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done):
@@ -862,6 +882,7 @@ class _Send:
         self.attempt = 0
         self.due = 0.0
         self.transport: Any = None
+        self.producer: Any = None  # the producer of the last attempt
 
     # Future callbacks: bound methods, so no closure is made per record.
     def acknowledged(self, metadata: Any) -> None:
@@ -885,16 +906,18 @@ class OffsetTracker:
     def taken(self, partition: Any, offsets: List[int]) -> List["functools.partial[None]"]:
         """Record offsets (ascending) as taken; each gets its ``done`` callable."""
         with self._lock:
-            self._pending.setdefault(partition, collections.deque()).extend(offsets)
+            pending = self._pending.setdefault(partition, collections.deque())
+            pending.extend(offsets)
             self._done.setdefault(partition, set())
             self._next[partition] = offsets[-1] + 1
-        return [functools.partial(self._finish, partition, offset) for offset in offsets]
+        # Tied to this deque: a done() from before a revoke must not touch a later one.
+        return [functools.partial(self._finish, partition, pending, offset) for offset in offsets]
 
-    def _finish(self, partition: Any, offset: int) -> None:
+    def _finish(self, partition: Any, pending: Deque[int], offset: int) -> None:
         with self._lock:
-            pending = self._pending.get(partition)
-            if pending is None:
-                return  # revoked meanwhile: the new owner reads it again
+            if self._pending.get(partition) is not pending or not pending \
+                    or offset < pending[0]:
+                return  # revoked meanwhile (the new owner reads it again), or done before
             if pending[0] != offset:
                 self._done[partition].add(offset)  # out of order: wait for the earlier ones
                 return
@@ -903,8 +926,10 @@ class OffsetTracker:
             while pending and pending[0] in done:
                 done.discard(pending.popleft())
 
-    def commit_points(self, partitions: Optional[Iterable[Any]] = None) -> Dict[Any, int]:
-        """{partition: offset to commit} for partitions whose point moved since asked."""
+    def commit_points(self, partitions: Optional[Iterable[Any]] = None,
+                      again: bool = False) -> Dict[Any, int]:
+        """{partition: offset to commit} for partitions whose point moved since asked
+        (``again``: every partition, since an asynchronous commit may have been lost)."""
         with self._lock:
             points = {}
             for partition in (self._next if partitions is None else partitions):
@@ -912,7 +937,7 @@ class OffsetTracker:
                     continue
                 pending = self._pending[partition]
                 point = pending[0] if pending else self._next[partition]
-                if self._asked.get(partition) != point:
+                if again or self._asked.get(partition) != point:
                     points[partition] = self._asked[partition] = point
             return points
 
@@ -927,6 +952,17 @@ class OffsetTracker:
             for partition in partitions:
                 for table in (self._pending, self._done, self._next, self._asked):
                     table.pop(partition, None)
+
+
+def _close_producer(producer: Any, timeout: float) -> None:
+    """Close a producer; kafka-python raises when sends are still open, which is no reason
+    to skip the commit and consumer close that follow."""
+    if producer is None:
+        return
+    try:
+        producer.close(timeout=timeout)
+    except Exception as exc:
+        log.warning("kafka producer closed with sends still open: %s", exc)
 
 
 def _shown(key: Optional[bytes]) -> str:

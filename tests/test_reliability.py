@@ -383,3 +383,35 @@ def test_fatal_producer_error_replaces_the_producer(start_server):
         assert server.stop() == 0
     finally:
         local_broker.stop_broker(broker)
+
+
+def test_record_without_key_or_value_is_dead_lettered_not_retried_forever(topics,
+                                                                          start_server):
+    from confluent_kafka import Producer
+    dead = topics.input + ".dlq"
+    local_broker.create_topics(topics.bootstrap, [dead])
+    client = KafkaClient(topics)
+    server = start_server(topics.server_args(*BUILTIN, "--kafka-dead-letter-topic", dead))
+    server.wait_ready()
+    producer = Producer({"bootstrap.servers": topics.bootstrap})
+    producer.produce(topics.input, value=None)  # kafka-python cannot even produce this
+    assert producer.flush(10) == 0
+    client.send({"id": "after", "method": "noop"})
+    assert client.reply("after")[1]["result"] == {}
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, enable_auto_commit=False)
+    consumer.assign([TopicPartition(dead, 0)])
+    consumer.seek_to_beginning()
+    letters = []
+    deadline = time.monotonic() + 20
+    while not letters and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=200).values():
+            letters.extend(records)
+    consumer.close()
+    client.close()
+    assert letters and letters[0].value == b"" and letters[0].key is None
+    assert dict(letters[0].headers)["__connect.errors.offset"] == b"0"
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10, "an unsendable record held up the shutdown"
+    assert "retry 2" not in server.log

@@ -371,3 +371,19 @@ def test_offset_tracker_commits_only_up_to_the_first_unfinished():
     tracker.forget(["p1"])
     late()  # done after a revoke: ignored, no error
     assert tracker.commit_points() == {}
+
+
+def test_offset_tracker_ignores_done_from_before_a_revoke():
+    # Eager rebalances revoke and hand back the same partition: records still queued at
+    # the revoke are read again, and their old done() may run after the new ones exist.
+    tracker = rpc.OffsetTracker()
+    old = tracker.taken("p0", [5, 6])
+    tracker.forget(["p0"])
+    new = tracker.taken("p0", [5, 6])
+    old[0]()
+    old[1]()
+    assert tracker.commit_points() == {"p0": 5}  # the old dones moved nothing
+    new[0]()
+    new[0]()  # twice: no error, no effect
+    new[1]()
+    assert tracker.commit_points() == {"p0": 7}
