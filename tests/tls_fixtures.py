@@ -202,7 +202,20 @@ def make_pki(directory: PathLike) -> Pki:
 
 # --- stunnel --------------------------------------------------------------------------
 
-class Stunnel:
+class _LoggedProcess:
+    """A child process whose output goes to ``log_path``."""
+
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class Stunnel(_LoggedProcess):
     """A running stunnel: TLS on ``accept_port`` -> plaintext to ``connect_port``."""
 
     def __init__(self, process: subprocess.Popen, accept_port: int, connect_port: int,
@@ -214,12 +227,6 @@ class Stunnel:
         self.config_path = config_path
         self.log_path = log_path
 
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def stop(self) -> None:
         stop_pid(self.process, signal.SIGTERM)
@@ -295,7 +302,7 @@ def local_broker() -> Any:
     return _local_broker
 
 
-class Tansu:
+class Tansu(_LoggedProcess):
     def __init__(self, process: subprocess.Popen, port: int, advertised_port: int,
                  log_path: Path):
         self.process = process
@@ -305,12 +312,6 @@ class Tansu:
         self.bootstrap = f"{HOST}:{port}"
         self.log_path = log_path
 
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def stop(self) -> None:
         local_broker().stop_process(self.pid)  # SIGINT, then SIGKILL
