@@ -531,8 +531,7 @@ class KafkaTransport:
         self._close_requested = threading.Event()
         self._close_deadline = 0.0
         self._closed = threading.Event()
-        self._ready = False
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set while the partitions and positions are known
 
     # Public API --------------------------------------------------------
 
@@ -728,7 +727,7 @@ class KafkaTransport:
                 log.warning("kafka poll failed: %s", exc)
                 self._shutdown.wait(0.5)
                 continue
-            if not self._ready and consumer.assignment():
+            if not self.ready.is_set() and consumer.assignment():
                 self._announce_ready()
             for partition, records in batches.items():
                 dones = self._offsets.taken(partition, [record.offset for record in records])
@@ -802,7 +801,6 @@ class KafkaTransport:
         # position() resolves the committed or reset offset now, so under "latest" a
         # record produced after the ready line is never skipped.
         positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
-        self._ready = True
         log.info("kafka transport ready: topic %s partitions %s", self.input_topic,
                  ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
         self.ready.set()
@@ -862,7 +860,6 @@ class KafkaTransport:
         self._backlog = collections.deque(item for item in self._backlog
                                           if item[0] not in revoked)
         self._paused = False
-        self._ready = False
         self.ready.clear()
 
 
