@@ -13,10 +13,11 @@ backends finish, then transports flush, commit and close.
 
 import argparse
 import collections
+import itertools
 import logging
 import os
-import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import kafka_transport as rpc
 
@@ -43,6 +44,7 @@ KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
     "kafka_input_topic", "kafka_output_topic", "kafka_property", "kafka_config",
     "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic")
 DEFAULT_CODEX_COMMAND = "codex app-server"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # Kafka's default record limit is 1 MiB
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -54,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if key in rpc.SECRET_PROPERTIES])
     backend_factory = backend_factory_for(args, parser)
     server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
-                    queue_size=args.queue_size)
+                    queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
     if args.kafka:
         server.add_kafka(args)
     if args.stdio:
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="client id of consumer and producer (default: codex-app-server)")
     kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
                        help="where a group without committed offsets starts (default: latest)")
-    kafka.add_argument("--kafka-max-message-bytes", metavar="BYTES", type=_positive_int,
+    kafka.add_argument("--kafka-max-message-bytes", metavar="BYTES", type=_message_bytes,
                        help="largest record the server produces; a larger reply becomes a "
                             "JSON-RPC error (default: 1048576)")
     kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builtin-delay", metavar="SECONDS", type=_seconds, default=0.0,
                         help="builtin backend: wait this long before each reply, to load-test "
                              "a transport against a slow backend (default: 0)")
+    parser.add_argument("--max-message-bytes", metavar="BYTES", type=_message_bytes,
+                        default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest message the server reads: a longer stdin line or Kafka "
+                             "record is answered with a JSON-RPC error and skipped without "
+                             f"being held in memory (default: {DEFAULT_MAX_MESSAGE_BYTES})")
     parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=1000,
                         help="messages the processor queue holds; when full, Kafka partitions "
                              "are paused and stdin is not read (default: 1000)")
@@ -182,8 +189,11 @@ def _nonempty(text: str) -> str:
 def _servers(text: str) -> str:
     entries = [entry.strip() for entry in text.split(",")]
     for entry in entries:
-        if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:,\[\]]+):\d{1,5}", entry):
+        match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:,\[\]]+):(\d{1,5})", entry)
+        if not match:
             raise argparse.ArgumentTypeError(f"{entry!r} is not HOST:PORT")
+        if not 1 <= int(match.group(2)) <= 65535:
+            raise argparse.ArgumentTypeError(f"{entry!r}: the port must be from 1 to 65535")
     return ",".join(entries)
 
 
@@ -203,20 +213,24 @@ def _property(text: str) -> tuple:
     return key.strip(), value
 
 
-def _number(convert: Callable[[str], Any], minimum: float, what: str) -> Callable[[str], Any]:
+def _number(convert: Callable[[str], Any], minimum: float, maximum: float,
+            what: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = convert(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        if not minimum <= value <= maximum:  # also false for NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: must be from {int(minimum)} to "
+                                             f"{int(maximum)}")
         return value
     return parse
 
 
-_seconds = _number(float, 0, "a number of seconds")
-_positive_int = _number(int, 1, "a whole number")
+# Bounded so that every timer and Kafka setting built from them stays valid.
+_seconds = _number(float, 0, 1e6, "a number of seconds")
+_positive_int = _number(int, 1, rpc.INT32_MAX, "a whole number")
+_message_bytes = _number(int, 1, 1024 ** 3, "a number of bytes")
 
 
 def configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
@@ -247,13 +261,21 @@ class _Redact(logging.Filter):
 
 # --- server ---------------------------------------------------------------
 
+# SIGHUP too: under a supervisor or a closing terminal it is an ordinary request to stop.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                     if hasattr(signal, name))
+HANDOFF_GRACE = 5.0  # seconds past the shutdown timeout for handing queued messages over
+
+
 class Server:
     """Owns the transports, the processor and the shutdown sequence."""
 
     def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
-                 queue_size: int = 1000):
+                 queue_size: int = 1000,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.shutdown_event = threading.Event()
         self.shutdown_timeout = shutdown_timeout
+        self.max_message_bytes = max_message_bytes
         self.processor = Processor(backend_factory, queue_size)
         self.transports: List[Any] = []
         self._signals = 0
@@ -268,18 +290,21 @@ class Server:
             args.kafka_input_topic, args.kafka_output_topic, self.processor,
             args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
             dead_letter_topic=args.kafka_dead_letter_topic,
-            connect_timeout=args.kafka_connect_timeout)
+            connect_timeout=args.kafka_connect_timeout,
+            max_input_bytes=self.max_message_bytes)
         self.transports.append(transport)
 
     def add_stdio(self) -> None:
-        self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed))
+        self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
+                                              self.max_message_bytes))
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup
+                signal.signal(signum, self._on_signal)
 
     def serve_forever(self) -> int:
-        """Run until a signal (or stdin EOF in stdio-only mode), then shut down in order."""
+        """Run until a signal (or the end of stdio in stdio-only mode), then shut down in order."""
         for transport in self.transports:
             self.processor.register(transport)
             threading.Thread(target=self._serve_transport, args=(transport,),
@@ -322,8 +347,11 @@ class Server:
         for transport in self.transports:
             transport.shutdown()
         log.info("finishing queued messages")
-        self.processor.stop()
-        processor_thread.join(max(0.0, deadline - time.monotonic()))
+        self.processor.stop(deadline)
+        # Handing what is queued to the backend is quick (the builtin backend answers at
+        # once, Codex's in-flight wait ends at the deadline): even with a timeout of 0
+        # every queued message is handed over, not dropped.
+        processor_thread.join(max(0.0, deadline - time.monotonic()) + HANDOFF_GRACE)
         if processor_thread.is_alive():
             log.warning("shutdown timeout: %d queued messages left unprocessed",
                         self.processor.queued())
@@ -343,12 +371,12 @@ class Server:
             os._exit(128 + signum)
         self._signalled = signum
 
-    def _stdio_closed(self) -> None:
+    def _stdio_closed(self, why: str) -> None:
         if len(self.transports) == 1:
-            log.info("stdin closed: shutting down")
+            log.info("%s: shutting down", why)
             self.shutdown_event.set()
         else:
-            log.info("stdin closed: the stdio connection ends, Kafka goes on")
+            log.info("%s: the stdio connection ends, Kafka goes on", why)
             self.processor.close_backend(self.transports[-1], time.monotonic() +
                                          self.shutdown_timeout)
 
@@ -359,7 +387,8 @@ class Processor:
     ``done`` is the transport's acknowledgement: a request's backend passes it
     along with the reply; for anything else it runs once the backend has it.
     The processor takes everything queued at once, so a burst crosses threads
-    in one hand-off rather than one per message.
+    in one hand-off rather than one per message.  Nothing one message does can
+    end its thread: a failure becomes that request's ``-32603`` error.
     """
 
     def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000):
@@ -417,19 +446,28 @@ class Processor:
         try:
             self._backends[transport].handle(message, done)
         except Exception:
-            log.exception("backend failed on a %s message", kind)
+            log.exception("internal error handling a %s (method %s, id %r)", kind,
+                          message.get("method"), message.get("id"))
             if kind == rpc.REQUEST:
-                transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR,
-                                                  "internal error in codex-app-server"), done)
+                self._call(transport.send, rpc.error_response(
+                    message["id"], rpc.INTERNAL_ERROR, "internal error in codex-app-server "
+                    "(see its log)"), done)
                 return
         if kind != rpc.REQUEST:
-            try:
-                done()
-            except Exception:  # the processor thread must outlive any one message
-                log.exception("acknowledging a %s message failed", kind)
+            self._call(done)
 
-    def stop(self) -> None:
-        """Finish what is queued, then return from serve_forever."""
+    @staticmethod
+    def _call(function: Callable[..., None], *args: Any) -> None:
+        try:
+            function(*args)
+        except Exception:  # the processor thread must outlive any one message
+            log.exception("internal error answering a message")
+
+    def stop(self, deadline: float) -> None:
+        """Finish what is queued, then return from serve_forever; backends stop waiting
+        for room at ``deadline``."""
+        for backend in self._backends.values():
+            backend.stopping(deadline)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
@@ -447,45 +485,74 @@ class Processor:
 # --- stdio ------------------------------------------------------------------
 
 class StdioTransport:
-    """JSON-RPC lines on stdin -> submit; replies as single lines on stdout."""
+    """JSON-RPC lines on stdin -> submit; replies as single lines on stdout.
+
+    The connection ends (``on_close(why)``) at stdin EOF or when stdout is gone:
+    a client that cannot read its replies is served no further.
+    """
 
     name = "stdio"
 
-    def __init__(self, submit: Callable[[Any, Message], None], on_eof: Callable[[], None],
-                 stdin: Any = None, stdout: Any = None):
+    def __init__(self, submit: Callable[[Any, Message], None], on_close: Callable[[str], None],
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, stdin_fd: int = 0,
+                 stdout_fd: int = 1):
         self._submit = submit
-        self._on_eof = on_eof
-        self._stdin = stdin if stdin is not None else sys.stdin.buffer
-        self._stdout = stdout if stdout is not None else sys.stdout.buffer
+        self._on_close = on_close
+        self.max_message_bytes = max_message_bytes
+        self._stdin_fd = stdin_fd
+        self._stdout_fd = stdout_fd
         self._write_lock = threading.Lock()
         self._shutdown = threading.Event()
+        self._ended = threading.Event()
+        self._stdout_gone = False
+        self._invalid_log = rpc.LogThrottle()
 
     def serve_forever(self) -> None:
         line_number = 0
-        for line in iter(self._stdin.readline, b""):
-            if self._shutdown.is_set():
+        for line, size, head in LineReader(self._stdin_fd, self.max_message_bytes):
+            if self._shutdown.is_set() or self._ended.is_set():
                 return
             line_number += 1
-            if not line.strip():
-                continue
             try:
+                if line is None:
+                    raise rpc.oversized(head, size, self.max_message_bytes)
+                if not line.strip():
+                    continue
                 message = rpc.decode(line.strip())
             except rpc.InvalidMessage as exc:
-                log.warning("invalid payload from stdin: line %d: %s", line_number, exc.reason)
-                self.send(rpc.error_response(exc.id, exc.code, exc.reason))
+                self._invalid_log.warning(log, "invalid payload from stdin: line %d: %s",
+                                          line_number, exc.reason)
+                if exc.answers is not None:  # an answer to Codex: Codex hears it failed
+                    self._submit(self, rpc.error_response(exc.answers, exc.code, exc.reason))
+                else:
+                    self.send(rpc.error_response(exc.id, exc.code, exc.reason))
+                continue
+            except Exception:  # one line must not end the connection
+                log.exception("internal error reading stdin line %d", line_number)
+                self.send(rpc.error_response(None, rpc.INTERNAL_ERROR,
+                                             "internal error in codex-app-server"))
                 continue
             self._submit(self, message)
         if not self._shutdown.is_set():
-            self._on_eof()
+            self._end("stdin closed")
 
     def send(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
-        data = rpc.encode(message) + b"\n"
-        with self._write_lock:
-            try:
-                self._stdout.write(data)
-                self._stdout.flush()
-            except (BrokenPipeError, ValueError, OSError) as exc:
-                log.warning("failed to write to stdout: %s", exc)
+        data = rpc.encode_reply(message)
+        if data is not None:
+            with self._write_lock:
+                if self._stdout_gone:
+                    pass
+                else:
+                    try:
+                        _write_all(self._stdout_fd, data + b"\n")
+                    except OSError as exc:
+                        self._stdout_gone = True
+                        log.warning("cannot write to stdout (%s): ending the stdio connection",
+                                    exc.strerror or exc)
+                        # Elsewhere: the caller may be the processor, which closing must
+                        # not hold.
+                        threading.Thread(target=self._end, args=("stdout closed",),
+                                         daemon=True).start()
         done()
 
     def shutdown(self) -> None:
@@ -493,6 +560,80 @@ class StdioTransport:
 
     def close(self, timeout: float = 0.0) -> None:
         self._shutdown.set()
+
+    def _end(self, why: str) -> None:
+        with self._write_lock:  # stdin EOF and a broken stdout often come together
+            if self._ended.is_set():
+                return
+            self._ended.set()
+        self._on_close(why)
+
+
+class LineReader:
+    """Newline-delimited lines from a file descriptor, read with ``os.read``.
+
+    Raw reads leave no io lock held by a blocked reader thread at interpreter exit.
+    A line over ``limit`` bytes streams by uncollected and is yielded as
+    (None, its size, its first bytes); a line within it as (line, 0, b"").
+    """
+
+    HEAD = 1024
+
+    def __init__(self, fd: int, limit: int, chunk: int = 1 << 16):
+        self.fd = fd
+        self.limit = limit
+        self.chunk = chunk
+
+    def __iter__(self) -> Iterator[Tuple[Optional[bytes], int, bytes]]:
+        partial = bytearray()  # the current line so far, while within the limit
+        over = 0  # size so far of a current line that is over the limit
+        head = b""
+        while True:
+            try:
+                data = os.read(self.fd, self.chunk)
+            except OSError as exc:
+                log.warning("cannot read file descriptor %d: %s", self.fd, exc.strerror or exc)
+                data = b""
+            if not data:
+                break
+            start = 0
+            while True:
+                end = data.find(b"\n", start)
+                piece = data[start:] if end < 0 else data[start:end]
+                if over:
+                    over += len(piece)
+                elif len(partial) + len(piece) > self.limit:
+                    head = bytes(partial[:self.HEAD]) + piece[:max(0, self.HEAD - len(partial))]
+                    over = len(partial) + len(piece)
+                    partial.clear()
+                elif end >= 0 and not partial:
+                    yield piece, 0, b""  # the common case: a whole line in one read
+                    start = end + 1
+                    continue
+                else:
+                    partial += piece
+                if end < 0:
+                    break
+                if over:
+                    yield None, over, head
+                    over, head = 0, b""
+                else:
+                    yield bytes(partial), 0, b""
+                    partial.clear()
+                start = end + 1
+        if over:
+            yield None, over, head
+        elif partial:
+            yield bytes(partial), 0, b""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:  # a non-blocking descriptor inherited from the parent
+            select.select([], [fd], [], 1.0)
 
 
 # --- backends ---------------------------------------------------------------
@@ -507,6 +648,9 @@ class Backend:
         """Take one message.  For a request, pass ``done`` to ``transport.send`` with the
         reply; for anything else the processor calls it."""
         raise NotImplementedError
+
+    def stopping(self, deadline: float) -> None:
+        """Shutdown has begun: stop waiting for room by ``deadline``."""
 
     def close(self, deadline: float) -> None:
         """Finish in-flight work by ``deadline`` (time.monotonic()), then release resources."""
@@ -550,20 +694,27 @@ class CodexBackend(Backend):
     Every client of a connection shares the child, so request ids are rewritten
     to ids unique in this server and restored on the reply; the first
     ``initialize`` result is kept and answers later ones (and is replayed to a
-    restarted child).  Codex's own requests to the client (approvals) and the
-    client's answers pass through unchanged: their ids are Codex's.
+    restarted child).  Codex's own requests to the client (approvals) get ids
+    unique for the server's life too, so a late answer meant for a dead child's
+    request can never answer a successor's request that reused Codex's id.
+    When a child dies, its clients hear it: pending requests fail, its pending
+    requests to them are withdrawn, and its running turns end as failed.
     """
 
-    def __init__(self, transport: Any, argv: Sequence[str], max_in_flight: int = 1000):
+    def __init__(self, transport: Any, argv: Sequence[str], max_in_flight: int = 1000,
+                 line_limit: int = 64 * 1024 * 1024):
         super().__init__(transport)
         self._argv = list(argv)
         self._max_in_flight = max_in_flight
+        self._line_limit = line_limit
         self._lock = threading.Condition()
         self._child: Optional[CodexChild] = None
         self._next_id = 1
         self._init_params: Optional[Any] = None
         self._init_result: Optional[Any] = None
         self._init_waiting: List[Pending] = []  # initialize requests waiting for the first one
+        self._asked: Dict[int, Tuple[CodexChild, Any]] = {}  # unanswered: our id -> Codex's
+        self._stop_deadline = float("inf")
         self._closed = False
 
     def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
@@ -579,19 +730,23 @@ class CodexBackend(Backend):
             if child is None:
                 return
             if kind != rpc.REQUEST:
-                child.write(message)
+                child.write(rpc.encode(message))
                 return
             with self._lock:
                 # Backpressure: a slow Codex holds the processor, so the queue fills and
                 # the transports stop reading, instead of requests piling up here.
                 while len(child.pending) >= self._max_in_flight and child.alive() \
-                        and not self._closed:
-                    self._lock.wait(1.0)
+                        and not self._closed and time.monotonic() < self._stop_deadline:
+                    self._lock.wait(min(1.0, max(0.01, self._stop_deadline - time.monotonic())))
+                if len(child.pending) >= self._max_in_flight and child.alive():
+                    break  # shutting down with Codex still full: answer, do not wait on
                 our_id = self._new_id()
+            data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
+            with self._lock:
                 child.pending[our_id] = (message, done)
                 if message["method"] == "initialize":
                     self._init_params = message.get("params", {})
-            if child.write(dict(message, id=our_id)):
+            if child.write(data):
                 return
             # Never delivered: the child is dying.  Unless its exit has answered the request
             # already, take it back and try a fresh child once.
@@ -604,10 +759,17 @@ class CodexBackend(Backend):
             if message["method"] == "initialize" and self._init_result is None:
                 self._init_params = None  # the next initialize goes to Codex again
                 waiting, self._init_waiting = self._init_waiting, []
+        reason = "codex-app-server is shutting down" if self._closed or \
+            time.monotonic() >= self._stop_deadline else \
+            "codex app-server is not available: it exited before it could take the request"
         for request, request_done in [(message, done)] + waiting:
-            self.transport.send(rpc.error_response(
-                request["id"], rpc.INTERNAL_ERROR, "codex app-server is not available: it "
-                "exited before it could take the request"), request_done)
+            self.transport.send(rpc.error_response(request["id"], rpc.INTERNAL_ERROR, reason),
+                                request_done)
+
+    def stopping(self, deadline: float) -> None:
+        with self._lock:
+            self._stop_deadline = deadline
+            self._lock.notify_all()
 
     def close(self, deadline: float) -> None:
         with self._lock:
@@ -620,20 +782,20 @@ class CodexBackend(Backend):
                             len(child.pending))
         if child is not None:
             child.stop(deadline)
+            child.exited.wait(5.0)  # so what it still owed is answered before we go on
 
     # Requests and replies --------------------------------------------------
 
     def _answer_codex(self, answer: Message) -> None:
         """A client's answer to one of Codex's requests goes to the child that asked."""
         with self._lock:
-            child = self._child
-        if child is not None and child.alive() and child.answered(answer["id"]):
-            child.write(answer)
+            asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
+        if asked is not None and asked[0].alive():
+            asked[0].write(rpc.encode(dict(answer, id=asked[1])))
             return
-        # Codex ids restart at 0 in every child: an answer meant for a dead child must not
-        # reach its successor as the answer to another request.
         log.warning("dropping a client answer to codex request %r, which no running codex "
-                    "app-server asked (it may have been restarted)", answer["id"])
+                    "app-server is waiting for (answered already, withdrawn, or its codex "
+                    "app-server exited)", answer["id"])
 
     def _new_id(self) -> int:
         our_id = self._next_id
@@ -654,10 +816,13 @@ class CodexBackend(Backend):
         return True
 
     def _from_child(self, child: "CodexChild", message: Message) -> None:
-        if "method" in message:  # a notification, or Codex's own request to the client
-            if "id" in message:
-                child.asked.add(message["id"])
-            self.transport.send(message)
+        if "method" in message:
+            if "id" in message:  # Codex's own request to the client
+                message = self._ask_client(child, message)
+            else:
+                message = self._notified(child, message)
+            if message is not None:
+                self.transport.send(message)
             return
         with self._lock:
             pending = child.pending.pop(message["id"], None)
@@ -671,6 +836,40 @@ class CodexBackend(Backend):
             self.transport.send(dict(message, id=request["id"]), done)
         for other, other_done in waiting:
             self.transport.send(dict(message, id=other["id"]), other_done)
+
+    def _ask_client(self, child: "CodexChild", request: Message) -> Message:
+        """Codex's request goes out under an id no other request of this server has had."""
+        outward = next(_SERVER_REQUEST_IDS)
+        params = request.get("params")
+        thread_id = params.get("threadId") if isinstance(params, dict) else None
+        with self._lock:
+            self._asked[outward] = (child, request["id"])
+            child.asked[request["id"]] = (outward, thread_id)
+        return dict(request, id=outward)
+
+    def _notified(self, child: "CodexChild", notification: Message) -> Optional[Message]:
+        """Track what a child's death must end; rewrite the request ids notifications name."""
+        method, params = notification["method"], notification.get("params")
+        if not isinstance(params, dict):
+            return notification
+        if method == "turn/started" or method == "turn/completed":
+            turn = params.get("turn")
+            if isinstance(turn, dict) and isinstance(turn.get("id"), str):
+                with self._lock:
+                    if method == "turn/started":
+                        child.turns[turn["id"]] = (params.get("threadId"), turn)
+                    else:
+                        child.turns.pop(turn["id"], None)
+        elif method == "serverRequest/resolved":
+            with self._lock:
+                asked = child.asked.pop(params.get("requestId"), None)
+                if asked is None:  # never relayed: its id means nothing to the clients
+                    log.debug("dropping serverRequest/resolved for unknown codex request %r",
+                              params.get("requestId"))
+                    return None
+                self._asked.pop(asked[0], None)  # resolved: an answer now would be stale
+            return dict(notification, params=dict(params, requestId=asked[0]))
+        return notification
 
     def _initialized(self, reply: Message) -> List[Pending]:
         with self._lock:
@@ -695,7 +894,8 @@ class CodexBackend(Backend):
                     done)
             return None
         try:
-            child = CodexChild(self._argv, self._from_child, self._child_exited)
+            child = CodexChild(self._argv, self._from_child, self._child_exited,
+                               line_limit=self._line_limit)
         except OSError as exc:
             log.error("cannot start codex app-server (%s): %s", " ".join(self._argv), exc)
             if rpc.kind(message) == rpc.REQUEST:
@@ -712,7 +912,7 @@ class CodexBackend(Backend):
                 child.pending[our_id] = ({"method": "initialize"}, rpc.nothing)
         if replay is not None:
             # A restarted child must be initialized before it takes other requests.
-            child.write({"id": our_id, "method": "initialize", "params": replay})
+            child.write(rpc.encode({"id": our_id, "method": "initialize", "params": replay}))
         return child
 
     def _child_exited(self, child: "CodexChild", status: int) -> None:
@@ -725,38 +925,83 @@ class CodexBackend(Backend):
                 self._init_waiting = []
                 if self._init_result is None:
                     self._init_params = None
+            withdrawn, child.asked = list(child.asked.values()), {}
+            for outward, _ in withdrawn:
+                self._asked.pop(outward, None)
+            turns, child.turns = child.turns, {}
             self._lock.notify_all()
         how = f"signal {-status}" if status < 0 else f"status {status}"
-        if orphans:
-            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests",
-                      child.pid, how, len(orphans))
+        if child.stopped_because:
+            how = f"{how} (stopped by codex-app-server: {child.stopped_because})"
+        if orphans or turns:
+            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests "
+                      "and %d running turns", child.pid, how, len(orphans), len(turns))
         else:
             log.info("codex app-server (pid %d) exited with %s", child.pid, how)
+        message = f"codex app-server exited with {how}"
+        # What Codex itself sends when a turn fails, so clients need no special case:
+        # its open requests withdrawn first, then `error` and a failed `turn/completed`.
+        for outward, thread_id in withdrawn:
+            if isinstance(thread_id, str):  # the notification names a thread
+                self.transport.send({"method": "serverRequest/resolved", "params": {
+                    "threadId": thread_id, "requestId": outward}})
+        now = time.time()
+        for turn_id, (thread_id, turn) in turns.items():
+            error = {"message": message, "codexErrorInfo": "other", "additionalDetails": None,
+                     "misalignment": None}
+            self.transport.send({"method": "error", "params": {
+                "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}})
+            started = turn.get("startedAt")
+            self.transport.send({"method": "turn/completed", "params": {
+                "threadId": thread_id, "turn": dict(
+                    turn, items=[], itemsView="notLoaded", status="failed", error=error,
+                    completedAt=int(now),
+                    durationMs=int((now - started) * 1000) if _is_number(started) else None)}})
         for request, done in orphans:
             if request.get("id") is not None:
                 self.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR,
-                    f"codex app-server exited with {how} before answering"), done)
+                    request["id"], rpc.INTERNAL_ERROR, f"{message} before answering"), done)
+
+
+# Ids of Codex's requests as the clients see them, never reused, also across restarts: they
+# start at the boot time in microseconds (a late answer from before a restart finds nothing),
+# and stay below 2**53 for clients that read numbers as doubles.
+_SERVER_REQUEST_IDS = itertools.count(int(time.time() * 1_000_000))
 
 
 class CodexChild:
     """One ``codex app-server`` process and the requests it owes answers to.
 
     Reader threads relay its stdout lines to ``on_message(child, message)`` and its
-    stderr to the log; ``on_exit(child, status)`` runs once stdout has ended.
+    stderr to the log (rate-limited); ``on_exit(child, status)`` runs once stdout has
+    ended.  A child that writes ``BAD_LINE_LIMIT`` lines in a row that are not
+    JSON-RPC is stopped: it is not speaking the protocol, and its clients get an
+    error instead of waiting forever.  The child leads a process group of its own
+    (the npm ``codex`` is a launcher with the real binary as its child): stopping
+    it stops all of it, and a Ctrl-C at the terminal reaches only the server, which
+    stops it gracefully.
     """
 
+    BAD_LINE_LIMIT = 100
+
     def __init__(self, argv: Sequence[str], on_message: Callable[["CodexChild", Message], None],
-                 on_exit: Callable[["CodexChild", int], None]):
+                 on_exit: Callable[["CodexChild", int], None], line_limit: int = 64 * 1024 * 1024):
         env = dict(os.environ)
         env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
         self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env)
+                                         stderr=subprocess.PIPE, env=env,
+                                         start_new_session=True)
         self.pid = self._process.pid
         self.pending: Dict[int, Pending] = {}  # our id -> the client's request
-        self.asked: set = set()  # ids of Codex's own requests still waiting for the client
+        # Codex's ids of its unresolved requests to clients -> (the clients' id, thread id)
+        self.asked: Dict[Any, Tuple[int, Any]] = {}
+        self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
+        self.stopped_because: Optional[str] = None  # why the server stopped it, if it did
+        self._line_limit = line_limit
         self._on_message = on_message
         self._on_exit = on_exit
+        self._write_lock = threading.Lock()
+        self.exited = threading.Event()  # set once on_exit has run
         threading.Thread(target=self._read_stdout, daemon=True,
                          name=f"codex-{self.pid}-stdout").start()
         threading.Thread(target=self._read_stderr, daemon=True,
@@ -765,21 +1010,14 @@ class CodexChild:
     def alive(self) -> bool:
         return self._process.poll() is None
 
-    def answered(self, request_id: Any) -> bool:
-        """Whether a client answer to ``request_id`` is one this child is waiting for."""
+    def write(self, data: bytes) -> bool:
+        """One encoded message as a line to the child's stdin; False when it cannot take it
+        (it is gone)."""
         try:
-            self.asked.remove(request_id)
+            with self._write_lock:
+                _write_all(self._process.stdin.fileno(), data + b"\n")
             return True
-        except KeyError:
-            return False
-
-    def write(self, message: Message) -> bool:
-        """One line to the child's stdin; False when it cannot take it (it is gone)."""
-        try:
-            self._process.stdin.write(rpc.encode(message) + b"\n")
-            self._process.stdin.flush()
-            return True
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: stdin already closed
             log.warning("cannot write to codex app-server (pid %d): %s", self.pid, exc)
             return False
 
@@ -791,42 +1029,110 @@ class CodexChild:
 
     def stop(self, deadline: float) -> None:
         """Close stdin (Codex exits on EOF); terminate it when the deadline passes."""
-        try:
-            self._process.stdin.close()
-        except OSError:
-            pass
+        self._close_stdin(deadline)
         try:
             self._process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("codex app-server (pid %d) did not exit: terminating it", self.pid)
-            self._process.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self._process.wait(5)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                self._signal(signal.SIGKILL)
                 self._process.wait()
 
+    def _close_stdin(self, deadline: float) -> None:
+        # Under the write lock: a descriptor closed while another thread writes to it
+        # may be reused by then.  A writer blocked on a full pipe holds the lock: then
+        # the child is not reading, and stopping it ends that write.
+        if not self._write_lock.acquire(timeout=max(0.1, deadline - time.monotonic())):
+            self._signal(signal.SIGKILL)
+            self._write_lock.acquire()
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        finally:
+            self._write_lock.release()
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)  # the launcher and the binary it started
+        except OSError:
+            try:
+                self._process.send_signal(signum)
+            except OSError:
+                pass
+
     def _read_stdout(self) -> None:
-        for line in iter(self._process.stdout.readline, b""):
-            if not line.strip():
+        bad = 0  # in a row
+        throttle = rpc.LogThrottle()
+        for line, size, head in LineReader(self._process.stdout.fileno(), self._line_limit):
+            if self.stopped_because:
+                continue  # drain what it wrote until the pipe closes
+            if line is not None and not line.strip():
                 continue
             try:
-                message = rpc.decode(line.strip())
-            except rpc.InvalidMessage as exc:
-                log.warning("skipping a line from codex app-server that is not JSON-RPC (%d "
-                            "bytes): %s", len(line), exc.reason)
+                if line is None:
+                    raise rpc.oversized(head, size, self._line_limit,
+                                        "the limit for a line from codex app-server")
+                # Codex's own nesting limit is deeper than the one for clients.
+                message = rpc.decode(line.strip(), max_depth=None)
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, rpc.InvalidMessage) else repr(exc)
+                throttle.warning(log, "skipping a line from codex app-server (pid %d) that "
+                                 "cannot be relayed (%d bytes): %s", self.pid,
+                                 size or len(line), reason)
+                self._unrelayable(head if line is None else line, line is not None, reason)
+                bad += 1
+                if bad >= self.BAD_LINE_LIMIT:
+                    self._stop_now(f"it wrote {bad} lines in a row that are not JSON-RPC")
                 continue
+            bad = 0
+            self._deliver(message)
+        try:
+            self._on_exit(self, self._process.wait())
+        finally:
+            self.exited.set()
+
+    def _deliver(self, message: Message) -> None:
+        try:
             self._on_message(self, message)
-        self._on_exit(self, self._process.wait())
+        except Exception:  # this thread must live on to report the child's exit
+            log.exception("internal error relaying a message from codex app-server")
+
+    def _unrelayable(self, data: bytes, complete: bool, reason: str) -> None:
+        """Whoever waits on a line that cannot be relayed hears so, instead of nothing."""
+        what, msg_id = rpc.peek(data, complete)
+        if msg_id is None:
+            return
+        text = f"could not be relayed: {reason}"
+        if what == rpc.RESPONSE:  # the client's request gets an error as its reply
+            self._deliver(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
+                                             f"codex app-server's reply {text}"))
+        elif what == rpc.REQUEST:  # Codex's request to the client fails at once
+            self.write(rpc.encode(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
+                                                     f"the request {text}")))
+
+    def _stop_now(self, why: str) -> None:
+        self.stopped_because = why
+        log.error("stopping codex app-server (pid %d): %s", self.pid, why)
+        self._signal(signal.SIGKILL)
 
     def _read_stderr(self) -> None:
-        for line in iter(self._process.stderr.readline, b""):
-            text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip()
+        throttle = rpc.LogThrottle(burst=200)
+        for line, size, _ in LineReader(self._process.stderr.fileno(), 64 * 1024):
+            text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip() if line is not None \
+                else f"(a line of {size} bytes)"
             if text:
-                log.warning("codex[%d]: %s", self.pid, text)
+                throttle.warning(log, "codex[%d]: %s", self.pid, text)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _platform_os() -> str:
@@ -852,7 +1158,9 @@ def backend_factory_for(args: argparse.Namespace,
                      "'npm install -g @openai/codex', or point --codex-command (or "
                      "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
                      "--backend builtin for transport smoke tests.")
-    return lambda transport: CodexBackend(transport, argv, max_in_flight=args.queue_size)
+    line_limit = max(args.max_message_bytes, 64 * 1024 * 1024)  # Codex's replies can be big
+    return lambda transport: CodexBackend(transport, argv, max_in_flight=args.queue_size,
+                                          line_limit=line_limit)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import collections
 import functools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -36,6 +37,10 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
+# Codex's parser (serde_json) drops a line nested 128 levels deep without a reply: refuse
+# deeper nesting here, with one.
+MAX_DEPTH = 100
+
 REQUEST = "request"
 NOTIFICATION = "notification"
 RESPONSE = "response"
@@ -49,17 +54,25 @@ class InvalidMessage(ValueError):
 
     ``id`` is the request id when one could be recovered (so the sender can be
     answered), else None; ``code`` is the JSON-RPC error code to answer with.
+    ``answers`` is the id an unusable *response* answers (so whoever waits for
+    it can be told), when ``oversized`` could recover one.
     """
 
-    def __init__(self, reason: str, code: int = INVALID_REQUEST, id: Any = None):
+    def __init__(self, reason: str, code: int = INVALID_REQUEST, id: Any = None,
+                 answers: Any = None):
         super().__init__(reason)
         self.reason = reason
         self.code = code
         self.id = id
+        self.answers = answers
 
 
-def decode(data: bytes) -> Message:
-    """Parse one payload into a validated JSON-RPC message, or raise InvalidMessage."""
+def decode(data: bytes, max_depth: Optional[int] = MAX_DEPTH) -> Message:
+    """Parse one payload into a validated JSON-RPC message, or raise InvalidMessage.
+
+    Strict: only what any JSON parser takes, so whatever is accepted here can be
+    encoded again and forwarded (NaN, Infinity, numbers beyond a double, lone
+    surrogates and nesting deeper than ``max_depth`` are refused)."""
     if not data:
         raise InvalidMessage("empty payload", PARSE_ERROR)
     try:
@@ -67,15 +80,63 @@ def decode(data: bytes) -> Message:
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"not UTF-8 ({exc.reason} at byte {exc.start})", PARSE_ERROR) from None
     try:
-        value = json.loads(text)
+        value = _STRICT.decode(text)
+    except _Unsafe as exc:
+        raise InvalidMessage(f"not strict JSON: {exc}", PARSE_ERROR, id=_lenient_id(text)) from None
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
                              PARSE_ERROR) from None
     except RecursionError:
         # A hostile payload of deeply nested arrays must not take the thread down.
-        raise InvalidMessage("invalid JSON (nested too deeply)", PARSE_ERROR) from None
+        raise InvalidMessage("invalid JSON (nested too deeply to parse)" if max_depth is None
+                             else f"invalid JSON (nested deeper than {max_depth} levels)",
+                             PARSE_ERROR) from None
+    except ValueError as exc:  # whatever else the parser refuses: still one bad message
+        raise InvalidMessage(f"invalid JSON ({exc})", PARSE_ERROR) from None
+    # Cheap guards first: most messages have few brackets and no \uD800-\uDFFF escape.
+    if max_depth is not None and text.count("[") + text.count("{") > max_depth \
+            and _depth(value, max_depth) > max_depth:
+        raise InvalidMessage(f"invalid JSON (nested deeper than {max_depth} levels)",
+                             PARSE_ERROR, id=_safe_id(value))
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) and not _encodable(value):
+        raise InvalidMessage("not strict JSON: a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                             "without its pair) is not a character", PARSE_ERROR,
+                             id=_safe_id(value))
     validate(value)
     return value
+
+
+def oversized(head: bytes, size: int, limit: int,
+              limit_name: str = "--max-message-bytes") -> InvalidMessage:
+    """The error for a message of ``size`` bytes over ``limit``, of which only the first
+    bytes (``head``) were kept: a request's id goes in ``id``, a response's in ``answers``."""
+    what, msg_id = peek(head, complete=False)
+    return InvalidMessage(f"message of {size} bytes is over the limit of {limit} ({limit_name})",
+                          INVALID_REQUEST, id=msg_id if what == REQUEST else None,
+                          answers=msg_id if what in (RESPONSE, ERROR) else None)
+
+
+def peek(data: bytes, complete: bool = True) -> Tuple[Optional[str], Any]:
+    """(REQUEST or RESPONSE or None, id) of a payload that ``decode`` refused, as far as it
+    shows: a ``complete`` payload is read leniently; of a payload's first bytes only an id
+    that stands before any nested value counts ({"method":"m","id":7,"params":...)."""
+    if complete:
+        try:
+            value = _LENIENT.decode(data.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, dict) and _safe_id(value) is not None:
+            return (REQUEST if "method" in value else RESPONSE), _safe_id(value)
+    match = _LEADING_ID.match(data[:4096])
+    if not match:
+        return None, None
+    before, raw, after = match.groups()
+    msg_id = raw[1:-1].decode("utf-8", "replace") if raw[:1] == b'"' else int(raw)
+    if b'"method"' in before or after in (b"method", b"params"):
+        return REQUEST, msg_id
+    if after in (b"result", b"error"):
+        return RESPONSE, msg_id
+    return None, None
 
 
 def validate(value: Any) -> None:
@@ -123,8 +184,28 @@ def kind(message: Message) -> str:
 
 
 def encode(message: Message) -> bytes:
-    """One compact UTF-8 JSON line body (no newline)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """One compact UTF-8 JSON line body (no newline); InvalidMessage if it is not JSON."""
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise InvalidMessage(f"cannot be encoded as JSON ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})", INTERNAL_ERROR) from None
+
+
+def encode_reply(message: Message) -> Optional[bytes]:
+    """``encode`` that cannot fail: an unencodable reply becomes an internal error for its
+    id; an unencodable message without an id is None (logged, not sent)."""
+    try:
+        return encode(message)
+    except InvalidMessage as exc:
+        msg_id = _safe_id(message)
+        log.error("cannot encode an outgoing %s (id %r): %s", "reply" if msg_id is not None
+                  else "message", msg_id, exc.reason)
+        if msg_id is None:
+            return None
+        return encode(error_response(msg_id, INTERNAL_ERROR,
+                                     f"codex-app-server could not encode the reply: {exc.reason}"))
 
 
 def reply_key(message: Message) -> Optional[bytes]:
@@ -158,7 +239,123 @@ def _json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), "an object")
 
 
+_DOUBLE_DIGITS = 309  # an integer of this many digits may be beyond the largest double
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# An id that stands before any nested value, {"jsonrpc":"2.0","method":"m","id":7,..., with
+# what came before it and the name of the member after it.
+_LEADING_ID = re.compile(rb'\s*\{\s*((?:"(?:jsonrpc|method)"\s*:\s*"[^"\\]{0,200}"\s*,\s*){0,2})'
+                         rb'"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,256}")\s*(?:,\s*"([a-z]{1,10})"|\})')
+
+
+class _Unsafe(ValueError):
+    """Raised by the strict decoder's hooks: valid to Python's json, not to JSON."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Unsafe(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Unsafe(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is beyond "
+                      "the range of a double")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) >= _DOUBLE_DIGITS and math.isinf(float(text)):
+        raise _Unsafe(f"an integer of {len(text.lstrip('-'))} digits is beyond the range of "
+                      "a double")
+    return int(text)
+
+
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float,
+                           parse_int=_bounded_int)
+_UNUSABLE = object()
+# Reads past what _STRICT refuses, only to find the id to answer.
+_LENIENT = json.JSONDecoder(parse_constant=lambda name: _UNUSABLE,
+                            parse_float=lambda text: _UNUSABLE,
+                            parse_int=lambda text: _UNUSABLE if len(text) >= _DOUBLE_DIGITS
+                            else int(text))
+
+
+def _lenient_id(text: str) -> Any:
+    try:
+        return _safe_id(_LENIENT.decode(text))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _safe_id(value: Any) -> Any:
+    """The id of a parsed message if it can be echoed in a reply, else None."""
+    msg_id = value.get("id") if isinstance(value, dict) else None
+    if isinstance(msg_id, str):
+        return msg_id if _encodable(msg_id) else None
+    return msg_id if _is_int(msg_id) else None
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except (ValueError, TypeError, RecursionError):
+        return False
+
+
+def _depth(value: Any, stop: int) -> int:
+    """How deeply arrays and objects nest in ``value`` (an object alone is 1), without
+    recursion; counting stops once past ``stop``."""
+    deepest = 0
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, level = stack.pop()
+        if level > deepest:
+            deepest = level
+            if deepest > stop:
+                break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return deepest
+
+
+class LogThrottle:
+    """At most ``burst`` log lines per ``period`` seconds from one source of warnings, so
+    a flood of bad input cannot flood the log; ``allow()`` says whether to log now and how
+    many lines were held back since the last one logged."""
+
+    def __init__(self, burst: int = 100, period: float = 10.0):
+        self.burst = burst
+        self.period = period
+        self._window = -period
+        self._count = 0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def allow(self) -> Tuple[bool, int]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window >= self.period:
+                self._window, self._count = now, 0
+            if self._count >= self.burst:
+                self._held += 1
+                return False, 0
+            self._count += 1
+            held, self._held = self._held, 0
+            return True, held
+
+    def warning(self, logger: logging.Logger, text: str, *args: Any) -> None:
+        """``logger.warning(text, *args)`` within the budget, with the count held back."""
+        allowed, held = self.allow()
+        if allowed:
+            logger.warning(text + (f" ({held} more like it not logged)" if held else ""), *args)
+
+
 # --- client configuration -------------------------------------------------
+
+INT32_MAX = 2 ** 31 - 1  # Kafka's and librdkafka's integer settings are 32-bit
+
 
 def _integer(text: str) -> int:
     try:
@@ -167,6 +364,8 @@ def _integer(text: str) -> int:
         raise ValueError("expected a whole number") from None
     if value < 0:
         raise ValueError("must not be negative")
+    if value > INT32_MAX:
+        raise ValueError(f"must be at most {INT32_MAX}")
     return value
 
 
@@ -469,6 +668,8 @@ class _ClientLog(logging.Handler):
 
 # --- the transport --------------------------------------------------------
 
+PRODUCER_STUCK_SECONDS = 60.0  # failing this long with no acknowledgement: a new producer
+
 Done = Callable[[], None]
 
 
@@ -500,11 +701,12 @@ class KafkaTransport:
     def __init__(self, input_topic: str, output_topic: str, sink: Any,
                  properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
                  dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
-                 poll_interval: float = 0.1):
+                 poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024):
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
+        self.max_input_bytes = max_input_bytes
         self.connect_timeout = connect_timeout
         self.max_unacked = 10000
         self._sink = sink
@@ -519,7 +721,10 @@ class KafkaTransport:
         self._producer: Any = None
         self._fatal_errors: Tuple[type, ...] = ()
         self._permanent_errors: Tuple[type, ...] = ()
-        self._producer_broken = False
+        self._producer_broken: Optional[str] = None  # why the producer must be replaced
+        self._producer_failing_since: Optional[float] = None  # no acknowledgement since then
+        self._replace_after = 0.0  # no new producer before then (the last attempt failed)
+        self._invalid_log = LogThrottle()
         self._offsets = OffsetTracker()
         self._backlog: Deque[Tuple[Any, Message, Done]] = collections.deque()
         self._paused = False
@@ -554,7 +759,10 @@ class KafkaTransport:
         Retried until the broker acknowledges it (or the shutdown deadline); then
         ``done`` runs.  A reply over ``max_message_bytes`` becomes an error reply.
         """
-        value = encode(message)
+        value = encode_reply(message)
+        if value is None:
+            done()
+            return
         key = reply_key(message)
         if len(value) > self.max_message_bytes:
             value = self._too_large(message, key, len(value))
@@ -597,6 +805,8 @@ class KafkaTransport:
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
             self._unacked -= 1
+        if send.producer is self._producer:
+            self._producer_failing_since = None
         send.done()
 
     def _failed(self, send: "_Send", error: Any) -> None:
@@ -606,8 +816,9 @@ class KafkaTransport:
                       error)
             self._acknowledged(send)
             return
-        if isinstance(error, self._fatal_errors) and send.producer is self._producer:
-            self._producer_broken = True  # (a send that raced a replacement says nothing)
+        if send.producer is self._producer and send.producer is not None:
+            # (a send that raced a replacement says nothing about the new producer)
+            self._producer_broken = self._producer_broken or self._why_fatal(error, send.producer)
         send.attempt += 1
         delay = min(0.1 * 2 ** send.attempt, 5.0)
         send.due = time.monotonic() + delay
@@ -616,8 +827,27 @@ class KafkaTransport:
         with self._lock:
             self._retries.append(send)
 
-    def _resend_failed(self) -> None:
-        if self._producer_broken:
+    def _why_fatal(self, error: Any, producer: Any) -> Optional[str]:
+        """Why ``producer`` is beyond recovery, or None: a fatal error class, kafka-python's
+        own fatal state, or failures with no acknowledgement for PRODUCER_STUCK_SECONDS."""
+        if isinstance(error, self._fatal_errors):
+            return f"fatal error {type(error).__name__}"
+        manager = getattr(producer, "_transaction_manager", None)  # kafka-python 3
+        has_fatal = getattr(manager, "has_fatal_error", None)
+        try:
+            if callable(has_fatal) and has_fatal():
+                return f"kafka-python marked it failed ({error})"
+        except Exception:
+            pass
+        now = time.monotonic()
+        if self._producer_failing_since is None:
+            self._producer_failing_since = now
+        if now - self._producer_failing_since >= PRODUCER_STUCK_SECONDS:
+            return f"no send acknowledged for {PRODUCER_STUCK_SECONDS:.0f} s ({error})"
+        return None
+
+    def _resend_failed(self, replace: bool = True) -> None:
+        if self._producer_broken and replace and time.monotonic() >= self._replace_after:
             self._replace_producer()
         now = time.monotonic()
         with self._lock:
@@ -632,14 +862,17 @@ class KafkaTransport:
     def _replace_producer(self) -> None:
         # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
         kafka = _import_kafka()
-        log.warning("kafka producer hit a fatal error: replacing it")
+        log.warning("replacing the kafka producer: %s", self._producer_broken)
         old = self._producer
         try:
             self._producer = kafka.KafkaProducer(**self._producer_config)
         except kafka.errors.KafkaError as exc:
-            log.warning("cannot create a new kafka producer: %s", exc)
+            log.warning("cannot create a new kafka producer: %s; trying again in 10 s", exc)
+            self._replace_after = time.monotonic() + 10.0
             return
-        self._producer_broken = False
+        self._producer_broken = None
+        # Counted from now: in a long outage, one new producer a PRODUCER_STUCK_SECONDS.
+        self._producer_failing_since = time.monotonic()
         _close_producer(old, 0)
 
     def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
@@ -727,6 +960,10 @@ class KafkaTransport:
                 log.warning("kafka poll failed: %s", exc)
                 self._shutdown.wait(0.5)
                 continue
+            except Exception:  # a client bug on one fetch must not end the service
+                log.exception("kafka poll failed unexpectedly")
+                self._shutdown.wait(0.5)
+                continue
             if not self.ready.is_set() and consumer.assignment():
                 self._announce_ready()
             for partition, records in batches.items():
@@ -737,10 +974,22 @@ class KafkaTransport:
             self._commit()
 
     def _take(self, partition: Any, record: Any, done: Done) -> None:
+        value = record.value or b""
         try:
-            message = decode(record.value or b"")
+            if len(value) > self.max_input_bytes:
+                raise oversized(value[:1024], len(value), self.max_input_bytes)
+            message = decode(value)
         except InvalidMessage as exc:
             self._reject(record, exc, done)
+            if exc.answers is not None:  # an answer to Codex: Codex hears it failed
+                self._backlog.append((partition, error_response(exc.answers, exc.code,
+                                                                exc.reason), nothing))
+            return
+        except Exception as exc:  # a poison pill must be passed, never retried forever
+            log.exception("unexpected error reading kafka record: topic %s partition %d "
+                          "offset %d", record.topic, record.partition, record.offset)
+            self._reject(record, InvalidMessage(f"unreadable record ({type(exc).__name__})",
+                                                PARSE_ERROR), done)
             return
         self._backlog.append((partition, message, done))
 
@@ -766,21 +1015,25 @@ class KafkaTransport:
             self._paused = False
 
     def _reject(self, record: Any, error: InvalidMessage, done: Done) -> None:
-        log.warning("invalid payload from kafka: topic %s partition %d offset %d: %s",
-                    record.topic, record.partition, record.offset, error.reason)
+        self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
+                                  "offset %d: %s", record.topic, record.partition,
+                                  record.offset, error.reason)
         sends = []
         if self.dead_letter_topic:
             headers = [("__connect.errors.topic", record.topic.encode()),
                        ("__connect.errors.partition", str(record.partition).encode()),
                        ("__connect.errors.offset", str(record.offset).encode()),
                        ("__connect.errors.exception.class.name", b"InvalidMessage"),
-                       ("__connect.errors.exception.message", error.reason.encode())]
+                       ("__connect.errors.exception.message",
+                        error.reason.encode("utf-8", "replace"))]
             # A record with neither key nor value cannot be produced as is: keep it, empty.
             value = record.value if record.value is not None or record.key is not None else b""
             sends.append(_Send(self.dead_letter_topic, record.key, value, headers, nothing))
         if error.id is not None:
             reply = error_response(error.id, error.code, error.reason)
-            sends.append(_Send(self.output_topic, reply_key(reply), encode(reply), None, nothing))
+            value = encode_reply(reply)
+            if value is not None:
+                sends.append(_Send(self.output_topic, reply_key(reply), value, None, nothing))
         if not sends:
             done()
             return
@@ -832,7 +1085,8 @@ class KafkaTransport:
     def _finish(self) -> None:
         log.info("flushing kafka producer")
         while time.monotonic() < self._close_deadline:
-            self._resend_failed()
+            # No new producer now: making one may take longer than the time left.
+            self._resend_failed(replace=False)
             with self._lock:
                 if not self._unacked:
                     break

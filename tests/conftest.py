@@ -106,12 +106,12 @@ class ServerProcess:
     """codex_app_server.py as a child; stderr goes to a file the test can read."""
 
     def __init__(self, args: List[str], log_path: Path, env: Optional[Dict[str, str]] = None,
-                 stdin: Any = subprocess.DEVNULL):
+                 stdin: Any = subprocess.DEVNULL, preexec_fn: Any = None):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, SERVER, *args], stdin=stdin,
                                         stdout=subprocess.PIPE, stderr=self._log,
-                                        env=env, cwd=str(ROOT))
+                                        env=env, cwd=str(ROOT), preexec_fn=preexec_fn)
 
     @property
     def log(self) -> str:
@@ -159,6 +159,31 @@ def start_server(tmp_path) -> Callable[..., ServerProcess]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0,
+               partition: int = 0) -> List[Any]:
+    """The records of one partition from its start, once ``count`` are there (or at
+    ``timeout``, with what there is)."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, partition)])
+    consumer.seek_to_beginning()
+    records: List[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < count and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    consumer.close()
+    return records
 
 
 # --- a Kafka client on the server's topics -------------------------------------

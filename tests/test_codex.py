@@ -453,6 +453,54 @@ def test_codex_killed_fails_pending_then_restarts(codex_server, topics, client, 
     assert_keyed_by_id(client)
 
 
+def test_child_death_mid_turn_ends_the_turn_and_voids_a_stale_approval(
+        codex_server, topics, client, mock_model, codex_bin):
+    """Issue 9 items 10 and 11: a turn whose Codex dies is reported failed, its pending
+    approval is withdrawn, and a late answer to it cannot approve the next child's request
+    (which Codex numbers from 0 again)."""
+    server = codex_server(topics)
+    mock_model.add_exec_command("echo first")
+    initialize(client, 101)
+    thread_id = request(client, 102, "thread/start", {"approvalPolicy": "untrusted"})[
+        "thread"]["id"]
+    turn = request(client, 103, "turn/start", {"threadId": thread_id,
+                                               "input": text_input("run echo first")})["turn"]
+    _, first_ask = client.wait_for(lambda k, v: v.get("method") ==
+                                   "item/commandExecution/requestApproval" and "id" in v, WAIT)
+    codex_pid = logged_codex_pids(server)[-1]
+    os.kill(codex_pid, signal.SIGKILL)
+
+    withdrawn = notification(client, "serverRequest/resolved", threadId=thread_id)
+    assert withdrawn["requestId"] == first_ask["id"], withdrawn
+    error = notification(client, "error", threadId=thread_id)
+    assert error["turnId"] == turn["id"] and error["willRetry"] is False, error
+    assert "signal 9" in error["error"]["message"], error
+    failed = notification(client, "turn/completed", threadId=thread_id)
+    assert failed["turn"]["id"] == turn["id"] and failed["turn"]["status"] == "failed", failed
+    assert "signal 9" in failed["turn"]["error"]["message"], failed
+
+    # The next child asks again, under a new id; the stale "accept" must not reach it.
+    mock_model.add_exec_command("echo second")
+    mock_model.add_text("Declined, as asked.", n_deltas=1)
+    thread_id = request(client, 104, "thread/start", {"approvalPolicy": "untrusted"})[
+        "thread"]["id"]
+    second_turn = request(client, 105, "turn/start", {
+        "threadId": thread_id, "input": text_input("run echo second")})["turn"]
+    _, second_ask = client.wait_for(
+        lambda k, v: v.get("method") == "item/commandExecution/requestApproval" and "id" in v
+        and v["params"]["threadId"] == thread_id, WAIT)
+    assert second_ask["id"] != first_ask["id"], (first_ask, second_ask)
+    client.send({"id": first_ask["id"], "result": {"decision": "accept"}})
+    server.wait_for_log(f"dropping a client answer to codex request {first_ask['id']}",
+                        timeout=WAIT)
+    client.send({"id": second_ask["id"], "result": {"decision": "decline"}})
+    done = notification(client, "turn/completed", threadId=thread_id)
+    assert done["turn"]["status"] == "completed", done
+    command = completed_items(kafka_messages(client), second_turn["id"], "commandExecution")
+    assert [item["status"] for item in command] == ["declined"], command
+    assert_keyed_by_id(client)
+
+
 def test_reply_too_large_for_kafka_becomes_an_error(codex_server, topics, client):
     codex_server(topics)  # default --kafka-max-message-bytes: 1 MiB
     initialize(client, 101)

@@ -69,7 +69,7 @@ INVALID = [
     (b"", "empty payload"),
     (b"[1,2]", "must be an object"),
     (b'"text"', "must be an object"),
-    (b"[" * 10000 + b"]" * 10000, "nested too deeply"),
+    (b"[" * 10000 + b"]" * 10000, "nested deeper than 100 levels"),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import List, Set
 import pytest
 
 import kafka_transport as rpc
-from conftest import KafkaClient, Topics, local_broker
+from conftest import KafkaClient, Topics, local_broker, peak_rss_mb, read_topic
 
 BUILTIN = ["--backend", "builtin"]
 
@@ -43,14 +43,6 @@ def wait_count(client: KafkaClient, count: int, timeout: float = 60) -> None:
     while len(answered(client)) < count:
         assert time.monotonic() < deadline, f"only {len(answered(client))} answered"
         client.poll()
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 @pytest.fixture
@@ -256,20 +248,33 @@ def test_reply_over_the_limit_becomes_an_error(topics, client, start_server):
 
 # --- bad input ----------------------------------------------------------------
 
-CORPUS = [  # (payload, reason in the warning, reply code or None)
-    (b"\xc3\x28 bad utf-8", "not UTF-8", None),
-    (b'{"id": 1, "method": ', "invalid JSON", None),
-    (b"", "empty payload", None),
-    (b"null", "must be an object, not null", None),
-    (b"17", "must be an object, not a number", None),
-    (b'[{"id": 1, "method": "noop"}]', "must be an object, not an array", None),
-    (b'{"id": "c1", "foo": 1}', 'no "method", "result" or "error"', rpc.INVALID_REQUEST),
-    (b'{"id": "c2", "method": 42}', '"method" must be a string', rpc.INVALID_REQUEST),
-    (b'{"id": {"a": 1}, "method": "noop"}', '"id" must be a string or an integer', None),
-    (b'{"id": [1], "method": "noop"}', '"id" must be a string or an integer', None),
-    (b'{"id": true, "method": "noop"}', '"id" must be a string or an integer', None),
-    (b'{"id": "c3", "method": "noop", "params": 5}', '"params" must be', rpc.INVALID_PARAMS),
-    (b"[" * 10000 + b"]" * 10000, "nested too deeply", None),
+CORPUS = [  # (payload, reason in the warning, reply code or None, the reply's id)
+    (b"\xc3\x28 bad utf-8", "not UTF-8", None, None),
+    (b'{"id": 1, "method": ', "invalid JSON", None, None),
+    (b"", "empty payload", None, None),
+    (b"null", "must be an object, not null", None, None),
+    (b"17", "must be an object, not a number", None, None),
+    (b'[{"id": 1, "method": "noop"}]', "must be an object, not an array", None, None),
+    (b'{"id": "c1", "foo": 1}', 'no "method", "result" or "error"', rpc.INVALID_REQUEST, "c1"),
+    (b'{"id": "c2", "method": 42}', '"method" must be a string', rpc.INVALID_REQUEST, "c2"),
+    (b'{"id": {"a": 1}, "method": "noop"}', '"id" must be a string or an integer', None, None),
+    (b'{"id": [1], "method": "noop"}', '"id" must be a string or an integer', None, None),
+    (b'{"id": true, "method": "noop"}', '"id" must be a string or an integer', None, None),
+    (b'{"id": "c3", "method": "noop", "params": 5}', '"params" must be', rpc.INVALID_PARAMS,
+     "c3"),
+    (b"[" * 10000 + b"]" * 10000, "nested deeper than 100 levels", None, None),
+    # Issue 9: each of these once stopped the server or its processor, or was never answered.
+    (b'{"id": "c4", "method": "noop", "params": {"x": ' + b"9" * 5000 + b'}}',
+     "integer of 5000 digits", rpc.PARSE_ERROR, "c4"),
+    (b'{"id": "\\ud800", "method": "noop"}', "lone UTF-16 surrogate", None, None),
+    (b'{"id": "c5", "method": "noop", "params": {"s": "\\udfff"}}', "lone UTF-16 surrogate",
+     rpc.PARSE_ERROR, "c5"),
+    (b'{"id": "c6", "method": "noop", "params": {"x": NaN}}', "NaN is not a JSON number",
+     rpc.PARSE_ERROR, "c6"),
+    (b'{"id": "c7", "method": "noop", "params": [-Infinity, 1e999]}', "Infinity is not",
+     rpc.PARSE_ERROR, "c7"),
+    (b'{"id": "c8", "method": "noop", "params": [1e999]}', "beyond the range of a double",
+     rpc.PARSE_ERROR, "c8"),
 ]
 BIG_VALID = json.dumps({"id": "big", "method": "noop",
                         "params": {"blob": "b" * (5 * 1024 * 1024)}}).encode()
@@ -282,7 +287,7 @@ def test_bad_input_corpus_over_kafka_with_dead_letter_topic(topics, start_server
     client.producer.config["max_request_size"] = 8 * 1024 * 1024
     server = start_server(topics.server_args(*BUILTIN, "--kafka-dead-letter-topic", dead))
     server.wait_ready()
-    for payload, _, _ in CORPUS:
+    for payload, _, _, _ in CORPUS:
         client.producer.send(topics.input, value=payload)
     client.producer.send(topics.input, value=None, key=b"null-record")
     client.producer.send(topics.input, value=BIG_VALID)
@@ -290,29 +295,19 @@ def test_bad_input_corpus_over_kafka_with_dead_letter_topic(topics, start_server
     client.producer.flush(30)
     assert client.reply("next", timeout=30)[1]["result"] == {}
     assert client.reply("big", timeout=30)[1]["result"] == {}
-    for payload, reason, code in CORPUS:
+    for payload, reason, code, msg_id in CORPUS:
         if code is not None:
-            msg_id = json.loads(payload)["id"]
             key, reply = client.reply(msg_id)
             assert key == msg_id and reply["error"]["code"] == code
             assert reason in reply["error"]["message"]
     log = server.log
-    for offset, (payload, reason, _) in enumerate(CORPUS):
+    for offset, (payload, reason, _, _) in enumerate(CORPUS):
         assert f"offset {offset}: " in log and reason in log, reason
     # Every unusable record, unchanged, with its origin and reason in the headers.
-    from kafka import KafkaConsumer, TopicPartition
-    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, enable_auto_commit=False)
-    consumer.assign([TopicPartition(dead, 0)])
-    consumer.seek_to_beginning()
-    letters = []
-    deadline = time.monotonic() + 30
-    while len(letters) < len(CORPUS) + 1 and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=200).values():
-            letters.extend(records)
-    consumer.close()
+    letters = read_topic(topics.bootstrap, dead, len(CORPUS) + 1, timeout=30)
     client.close()
     assert len(letters) == len(CORPUS) + 1
-    for letter, (payload, reason, _) in zip(letters, CORPUS):
+    for letter, (payload, reason, _, _) in zip(letters, CORPUS):
         headers = dict(letter.headers)
         assert (letter.value or b"") == payload
         assert headers["__connect.errors.topic"] == topics.input.encode()
@@ -325,7 +320,7 @@ def test_bad_input_corpus_over_kafka_with_dead_letter_topic(topics, start_server
 
 def test_bad_input_corpus_over_stdio(start_server):
     server = start_server(BUILTIN, stdin=subprocess.PIPE)
-    lines = [payload for payload, _, _ in CORPUS if payload] + [BIG_VALID,
+    lines = [payload for payload, _, _, _ in CORPUS if payload] + [BIG_VALID,
                                                                 b'{"id":"next","method":"noop"}']
 
     def write():
@@ -339,14 +334,14 @@ def test_bad_input_corpus_over_stdio(start_server):
     assert server.process.wait(30) == 0
     # One reply a line: an error for each bad one (id null when none is recoverable).
     assert len(replies) == len(lines)
-    for reply, (payload, reason, code) in zip(replies, [c for c in CORPUS if c[0]]):
+    for reply, (payload, reason, code, msg_id) in zip(replies, [c for c in CORPUS if c[0]]):
         assert "error" in reply, reply
         assert reason in reply["error"]["message"]
         if code is None:
             assert reply["id"] is None
             assert reply["error"]["code"] in (rpc.PARSE_ERROR, rpc.INVALID_REQUEST)
         else:
-            assert reply["error"]["code"] == code and reply["id"] == json.loads(payload)["id"]
+            assert reply["error"]["code"] == code and reply["id"] == msg_id
     assert replies[-2] == {"jsonrpc": "2.0", "id": "big", "result": {}}
     assert replies[-1] == {"jsonrpc": "2.0", "id": "next", "result": {}}
     assert server.log.count("invalid payload from stdin") == len(lines) - 2
@@ -379,7 +374,7 @@ def test_fatal_producer_error_replaces_the_producer(start_server):
             except AssertionError:
                 assert time.monotonic() < deadline, server.log[-3000:]
         client.close()
-        assert "kafka producer hit a fatal error: replacing it" in server.log
+        assert "replacing the kafka producer: fatal error" in server.log
         assert server.stop() == 0
     finally:
         local_broker.stop_broker(broker)
@@ -398,16 +393,7 @@ def test_record_without_key_or_value_is_dead_lettered_not_retried_forever(topics
     assert producer.flush(10) == 0
     client.send({"id": "after", "method": "noop"})
     assert client.reply("after")[1]["result"] == {}
-    from kafka import KafkaConsumer, TopicPartition
-    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, enable_auto_commit=False)
-    consumer.assign([TopicPartition(dead, 0)])
-    consumer.seek_to_beginning()
-    letters = []
-    deadline = time.monotonic() + 20
-    while not letters and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=200).values():
-            letters.extend(records)
-    consumer.close()
+    letters = read_topic(topics.bootstrap, dead, 1)
     client.close()
     assert letters and letters[0].value == b"" and letters[0].key is None
     assert dict(letters[0].headers)["__connect.errors.offset"] == b"0"

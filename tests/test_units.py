@@ -1,9 +1,12 @@
 """Unit tests: CLI validation, JSON-RPC envelopes, keying, -X mapping, builtin backend, docs."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -82,6 +85,37 @@ def test_illegal_topic_and_server_are_refused(capsys):
                                       capsys)
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--shutdown-timeout", "inf"], "must be from 0 to 1000000"),
+    (["--shutdown-timeout", "1e300"], "must be from 0 to 1000000"),
+    (["--shutdown-timeout", "nan"], "must be from 0 to 1000000"),
+    (["--shutdown-timeout", "-1"], "must be from 0 to 1000000"),
+    (["--builtin-delay", "nan"], "must be from 0"),
+    (["--builtin-delay", "soon"], "is not a number of seconds"),
+    (["--queue-size", "0"], "must be from 1"),
+    (["--queue-size", str(2 ** 40)], "must be from 1 to 2147483647"),
+    (["--queue-size", "1e3"], "is not a whole number"),
+    (["--max-message-bytes", "0"], "must be from 1 "),
+    (["--max-message-bytes", str(2 ** 31)], "to 1073741824"),
+    (kafka_argv(**{"--kafka-bootstrap-servers": "127.0.0.1:99999"}), "port must be from 1"),
+    (kafka_argv(**{"--kafka-bootstrap-servers": "a:9092,127.0.0.1:0"}), "port must be from 1"),
+    (kafka_argv(**{"--kafka-connect-timeout": "inf"}), "must be from 0"),
+    (kafka_argv(**{"--kafka-max-message-bytes": "0"}), "must be from 1 "),
+    (kafka_argv() + ["-X", "session.timeout.ms=99999999999"], "must be at most 2147483647"),
+])
+def test_numbers_must_be_finite_and_in_range(argv, said, capsys):
+    err = usage_error(argv, capsys)
+    assert said in err, err
+
+
+def test_numbers_at_their_limits_are_taken():
+    args = parse(["--shutdown-timeout", "0", "--queue-size", "2147483647",
+                  "--max-message-bytes", "1"])
+    assert (args.shutdown_timeout, args.queue_size, args.max_message_bytes) == (0, 2 ** 31 - 1,
+                                                                             1)
+    assert parse(kafka_argv(**{"--kafka-bootstrap-servers": "[::1]:65535,b:1"})).kafka
+
+
 def test_kafka_property_maps_and_rejects(capsys):
     args = parse(kafka_argv() + ["-X", "session.timeout.ms=2000", "--kafka-property",
                                  "linger.ms=5"])
@@ -138,7 +172,21 @@ def test_valid_messages_are_classified(message, kind):
     (b"\xff\xfe", rpc.PARSE_ERROR, None, "not UTF-8"),
     (b"{nope", rpc.PARSE_ERROR, None, "invalid JSON"),
     (b"", rpc.PARSE_ERROR, None, "empty"),
-    (b"[" * 10000 + b"]" * 10000, rpc.PARSE_ERROR, None, "nested too deeply"),
+    (b"[" * 10000 + b"]" * 10000, rpc.PARSE_ERROR, None, "nested deeper than 100"),
+    # Issue 9's defects: what Python's json takes but JSON (and Codex) does not.
+    (b'{"id":1,"method":"noop","params":{"x":' + b"9" * 5000 + b'}}', rpc.PARSE_ERROR, 1,
+     "integer of 5000 digits"),
+    (b'{"id":1,"method":"noop","params":{"x":-' + b"9" * 400 + b'}}', rpc.PARSE_ERROR, 1,
+     "integer of 400 digits"),
+    (b'{"id":' + b"9" * 5000 + b',"method":"noop"}', rpc.PARSE_ERROR, None, "5000 digits"),
+    (b'{"id":2,"method":"noop","params":{"x":1e400}}', rpc.PARSE_ERROR, 2, "1e400"),
+    (b'{"id":3,"method":"noop","params":{"x":NaN}}', rpc.PARSE_ERROR, 3, "NaN is not"),
+    (b'{"id":3,"method":"noop","params":[Infinity]}', rpc.PARSE_ERROR, 3, "Infinity is not"),
+    (b'{"id":NaN,"method":"noop"}', rpc.PARSE_ERROR, None, "NaN is not"),
+    (b'{"id":"\\ud800","method":"noop"}', rpc.PARSE_ERROR, None, "lone UTF-16 surrogate"),
+    (b'{"id":4,"method":"noop","params":{"\\udfff":1}}', rpc.PARSE_ERROR, 4, "surrogate"),
+    (b'{"id":5,"method":"noop","params":' + b"[" * 100 + b"]" * 100 + b'}', rpc.PARSE_ERROR,
+     5, "nested deeper than 100"),
     (b"42", rpc.INVALID_REQUEST, None, "must be an object"),
     (b"[1]", rpc.INVALID_REQUEST, None, "must be an object"),
     (b'{"id":5,"foo":1}', rpc.INVALID_REQUEST, 5, 'no "method"'),
@@ -172,6 +220,85 @@ def test_reply_keys(message, key):
 
 def test_encode_is_compact_utf8():
     assert rpc.encode({"id": 1, "result": {"t": "\u00e9"}}) == '{"id":1,"result":{"t":"\u00e9"}}'.encode()
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"id":1,"method":"noop","params":{"x":' + b"9" * 308 + b'}}',  # still a double
+    b'{"id":1,"method":"noop","params":{"x":1.5e308,"y":-0.0,"z":"\\ud83d\\ude00"}}',
+    b'{"id":1,"method":"noop","params":' + b"[" * 99 + b"]" * 99 + b'}',  # 100 levels
+])
+def test_strict_json_still_takes_what_json_allows(payload):
+    message = rpc.decode(payload)
+    assert rpc.decode(rpc.encode(message)) == message
+
+
+def deeply_nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("message", [
+    {"id": 7, "result": float("nan")}, {"id": 7, "result": "\ud800"},
+    {"id": 7, "result": object()}, {"id": 7, "result": deeply_nested(100_000)},
+])
+def test_encode_reply_never_raises(message):
+    data = rpc.encode_reply(message)
+    reply = json.loads(data)
+    assert reply["id"] == 7
+    assert reply["error"]["code"] == rpc.INTERNAL_ERROR and "could not encode" in \
+        reply["error"]["message"]
+    assert rpc.encode_reply({"method": "x", "params": {"y": "\ud800"}}) is None
+    with pytest.raises(rpc.InvalidMessage):
+        rpc.encode({"id": 1, "result": float("inf")})
+
+
+@pytest.mark.parametrize("head, answer_id, answers", [
+    (b'{"id":12,"method":"noop","params":{"blob":"', 12, None),
+    (b' { "jsonrpc" : "2.0" , "method":"turn/start", "id" : "r-1" , "params"', "r-1", None),
+    (b'{"method":"item/tool/call","id":3,"params":{', 3, None),  # Codex writes method first
+    (b'{"id":5,"result":{"decision":"', None, 5),  # an answer: not to be answered itself
+    (b'{"jsonrpc":"2.0","id":6,"error":{"code":1,', None, 6),
+    (b'{"method":"x","params":{"id":5},"id":7}', None, None),  # an "id" inside params
+    (b'{"params":{"x":1},"id":7}', None, None),
+    (b'{"id":8}', None, None),
+    (b'\xff\xfe garbage', None, None),
+])
+def test_oversized_names_the_limit_and_finds_a_leading_id(head, answer_id, answers):
+    error = rpc.oversized(head, 10 ** 9, 8 * 1024 * 1024)
+    assert error.code == rpc.INVALID_REQUEST
+    assert (error.id, error.answers) == (answer_id, answers)
+    assert "1000000000 bytes" in error.reason and "--max-message-bytes" in error.reason
+
+
+def test_codex_output_may_nest_deeper_than_client_input():
+    line = b'{"id":1,"result":' + b"[" * 110 + b"]" * 110 + b"}"
+    with pytest.raises(rpc.InvalidMessage):
+        rpc.decode(line)
+    assert rpc.decode(line, max_depth=None)["id"] == 1
+    assert rpc.peek(b'{"id":4,"result":[NaN]}') == (rpc.RESPONSE, 4)
+    assert rpc.peek(b'{"method":"m","id":5,"params":[1e999]}') == (rpc.REQUEST, 5)
+
+
+def test_line_reader_skips_over_long_lines_without_holding_them():
+    read_fd, write_fd = os.pipe()
+    data = b"a\n" + b"x" * 300000 + b"\n\nbb\n" + b"y" * 5000 + b"\ncc"
+    writer = threading.Thread(target=lambda: (os.write(write_fd, data), os.close(write_fd)))
+    writer.start()
+    lines = list(app.LineReader(read_fd, limit=4096, chunk=1000))
+    writer.join()
+    os.close(read_fd)
+    assert lines == [(b"a", 0, b""), (None, 300000, b"x" * 1024), (b"", 0, b""),
+                     (b"bb", 0, b""), (None, 5000, b"y" * 1024), (b"cc", 0, b"")]
+
+
+def test_log_throttle_holds_back_a_flood_and_counts_it():
+    throttle = rpc.LogThrottle(burst=3, period=60)
+    results = [throttle.allow() for _ in range(10)]
+    assert results[:3] == [(True, 0)] * 3 and results[3:] == [(False, 0)] * 7
+    throttle._window -= 61  # the next period
+    assert throttle.allow() == (True, 7)
 
 
 def test_client_config_maps_librdkafka_names():
@@ -214,6 +341,58 @@ class Recorder:
     def send(self, message, done=rpc.nothing):
         self.sent.append(message)
         done()
+
+
+class Exploding(app.Backend):
+    """A backend with a bug: it raises on the method "boom"."""
+
+    def handle(self, message, done):
+        if message.get("method") == "boom":
+            raise RuntimeError("a bug")
+        self.transport.send({"id": message["id"], "result": {}}, done)
+
+
+def test_a_failing_message_becomes_its_own_error_and_the_next_is_handled(caplog):
+    transport = Recorder()
+    processor = app.Processor(Exploding)
+    processor.register(transport)
+    acknowledged = []
+    for msg_id, method in ((1, "boom"), (2, "noop")):
+        processor.submit(transport, {"id": msg_id, "method": method},
+                         lambda msg_id=msg_id: acknowledged.append(msg_id))
+    processor.submit(transport, {"method": "boom"}, lambda: acknowledged.append("note"))
+    processor.stop(0)
+    processor.serve_forever()  # returns once the queue is done: the thread did not die
+    assert transport.sent[0]["id"] == 1
+    assert transport.sent[0]["error"]["code"] == rpc.INTERNAL_ERROR
+    assert transport.sent[1] == {"id": 2, "result": {}}
+    assert acknowledged == [1, 2, "note"]  # each is acknowledged, so its offset commits
+    assert "internal error handling a request (method boom, id 1)" in caplog.text
+    assert "RuntimeError: a bug" in caplog.text  # with the traceback
+
+
+def test_a_producer_kafka_python_gave_up_on_is_replaced():
+    transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
+                                                       "group.id": "g"})
+
+    class Manager:
+        fatal = False
+
+        def has_fatal_error(self):
+            return self.fatal
+
+    class Producer:
+        _transaction_manager = Manager()
+
+    producer = Producer()
+    assert transport._why_fatal(Exception("UnknownError"), producer) is None
+    producer._transaction_manager.fatal = True
+    assert "kafka-python marked it failed (UnknownError)" in transport._why_fatal(
+        Exception("UnknownError"), producer)
+    # Any other error, when nothing has been acknowledged for a long time, also counts.
+    producer._transaction_manager.fatal = False
+    transport._producer_failing_since = time.monotonic() - rpc.PRODUCER_STUCK_SECONDS - 1
+    assert "no send acknowledged" in transport._why_fatal(Exception("x"), producer)
 
 
 def test_builtin_backend_answers_and_acknowledges():
