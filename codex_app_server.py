@@ -5,10 +5,15 @@ library; the Kafka transport (``kafka_transport.py``, next to this file) needs
 kafka-python, imported only when a Kafka flag is given.
 
 Shape, after CPython's socketserver: each transport runs a blocking loop in its
-own thread and pushes (transport, message) into one queue; the ``Processor``
-hands each message to that transport's backend; backend output goes straight
-back to the transport.  A shutdown Event stops intake, the processor drains,
-backends finish, then transports flush, commit and close.
+own thread and pushes (transport, message, done, route) into one queue; the
+``Processor`` hands each message to that transport's backend; backend output
+goes straight back to the transport with the route it came with.  A shutdown
+Event stops intake, the processor drains, backends finish, then transports
+flush, commit and close.
+
+Sections: command line; server (``Server``, ``Processor``); stdio
+(``StdioTransport``, ``LineReader``); backends (``BuiltinBackend``,
+``CodexBackend`` and its ``CodexChild``).
 """
 
 import argparse
@@ -34,7 +39,8 @@ __version__ = "0.1.0"
 log = logging.getLogger("codex_app_server")
 
 Message = Dict[str, Any]
-Pending = Tuple[Message, rpc.Done]  # a client's request and its transport acknowledgement
+# A client's request, its transport acknowledgement, and the route its reply takes.
+Pending = Tuple[Message, rpc.Done, rpc.Route]
 
 # Flags that are Kafka client properties: the top layer over file, environment and -X.
 KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
@@ -42,7 +48,8 @@ KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
                         "kafka_offset_reset": "auto.offset.reset"}
 KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
     "kafka_input_topic", "kafka_output_topic", "kafka_property", "kafka_config",
-    "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic")
+    "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic",
+    "kafka_reply_topic_pattern")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # Kafka's default record limit is 1 MiB
 
@@ -93,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
                        help="send every unusable input record here, unchanged, with headers "
                             "naming its origin and the reason")
+    kafka.add_argument("--kafka-reply-topic-pattern", metavar="REGEX", type=_pattern,
+                       help="reply topics a request may name in its reply-topic header "
+                            "(kafka_replyTopic, REPLY_TOPIC, reply_to) must match this whole; "
+                            "others get a JSON-RPC error on the output topic (default: any)")
     kafka.add_argument("--kafka-config", metavar="FILE",
                        help="librdkafka/Java properties file (key=value) of client properties; "
                             "the environment, -X and flags take precedence")
@@ -206,6 +217,14 @@ def _topic(text: str) -> str:
     return text
 
 
+def _pattern(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
 def _property(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -291,7 +310,8 @@ class Server:
             args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
             dead_letter_topic=args.kafka_dead_letter_topic,
             connect_timeout=args.kafka_connect_timeout,
-            max_input_bytes=self.max_message_bytes)
+            max_input_bytes=self.max_message_bytes,
+            reply_topic_pattern=args.kafka_reply_topic_pattern)
         self.transports.append(transport)
 
     def add_stdio(self) -> None:
@@ -393,7 +413,7 @@ class Processor:
 
     def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000):
         self._factory = backend_factory
-        self._items: Deque[Tuple[Any, Message, rpc.Done]] = collections.deque()
+        self._items: Deque[Tuple[Any, Message, rpc.Done, rpc.Route]] = collections.deque()
         self._changed = threading.Condition()
         self._capacity = queue_size
         self._low_water = max(1, queue_size // 2)
@@ -403,21 +423,23 @@ class Processor:
     def register(self, transport: Any) -> None:
         self._backends[transport] = self._factory(transport)
 
-    def submit(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing) -> None:
+    def submit(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
+               route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         """Queue one validated message, waiting for room (stdio's backpressure)."""
         with self._changed:
             while len(self._items) >= self._capacity:
                 self._changed.wait()
-            self._items.append((transport, message, done))
+            self._items.append((transport, message, done, route))
             self._changed.notify_all()
 
-    def offer(self, transport: Any, items: Sequence[Tuple[Message, rpc.Done]]) -> int:
-        """Queue as many (message, done) pairs as there is room for; return how many.
+    def offer(self, transport: Any,
+              items: Sequence[Tuple[Message, rpc.Done, rpc.Route]]) -> int:
+        """Queue as many (message, done, route) as there is room for; return how many.
         Kafka pauses its partitions when not all were taken."""
         with self._changed:
             taken = items[:max(0, self._capacity - len(self._items))]
             if taken:
-                self._items.extend((transport, message, done) for message, done in taken)
+                self._items.extend((transport,) + item for item in taken)
                 self._changed.notify_all()
         return len(taken)
 
@@ -438,20 +460,21 @@ class Processor:
                 batch = list(self._items)
                 self._items.clear()
                 self._changed.notify_all()  # room again for a waiting stdio reader
-            for transport, message, done in batch:
-                self._handle(transport, message, done)
+            for transport, message, done, route in batch:
+                self._handle(transport, message, done, route)
 
-    def _handle(self, transport: Any, message: Message, done: rpc.Done) -> None:
+    def _handle(self, transport: Any, message: Message, done: rpc.Done,
+                route: rpc.Route) -> None:
         kind = rpc.kind(message)
         try:
-            self._backends[transport].handle(message, done)
+            self._backends[transport].handle(message, done, route)
         except Exception:
             log.exception("internal error handling a %s (method %s, id %r)", kind,
                           message.get("method"), message.get("id"))
             if kind == rpc.REQUEST:
                 self._call(transport.send, rpc.error_response(
                     message["id"], rpc.INTERNAL_ERROR, "internal error in codex-app-server "
-                    "(see its log)"), done)
+                    "(see its log)"), done, route)
                 return
         if kind != rpc.REQUEST:
             self._call(done)
@@ -536,7 +559,8 @@ class StdioTransport:
         if not self._shutdown.is_set():
             self._end("stdin closed")
 
-    def send(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
+    def send(self, message: Message, done: rpc.Done = rpc.nothing,
+             route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         data = rpc.encode_reply(message)
         if data is not None:
             with self._write_lock:
@@ -644,9 +668,9 @@ class Backend:
     def __init__(self, transport: Any):
         self.transport = transport
 
-    def handle(self, message: Message, done: rpc.Done) -> None:
-        """Take one message.  For a request, pass ``done`` to ``transport.send`` with the
-        reply; for anything else the processor calls it."""
+    def handle(self, message: Message, done: rpc.Done, route: rpc.Route) -> None:
+        """Take one message.  For a request, pass ``done`` and ``route`` to
+        ``transport.send`` with the reply; for anything else the processor calls ``done``."""
         raise NotImplementedError
 
     def stopping(self, deadline: float) -> None:
@@ -666,26 +690,27 @@ class BuiltinBackend(Backend):
         super().__init__(transport)
         self.delay = delay
 
-    def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
+    def handle(self, message: Message, done: rpc.Done = rpc.nothing,
+               route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
         if kind == rpc.REQUEST:
             if self.delay:
                 time.sleep(self.delay)
             method = message["method"]
             if method == "initialize":
-                self._reply(message, done, {"userAgent": f"codex-app-server/{__version__} (python)",
-                                      "platformFamily": "windows" if os.name == "nt" else "unix",
-                                      "platformOs": _platform_os()})
+                result = {"userAgent": f"codex-app-server/{__version__} (python)",
+                          "platformFamily": "windows" if os.name == "nt" else "unix",
+                          "platformOs": _platform_os()}
             elif method == "noop":
-                self._reply(message, done, {})
+                result = {}
             else:
                 self.transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
-                                                       f"Method not found: {method}"), done)
+                                                       f"Method not found: {method}"), done, route)
+                return
+            self.transport.send({"jsonrpc": "2.0", "id": message["id"], "result": result}, done,
+                                route)
         elif kind in (rpc.RESPONSE, rpc.ERROR):
             log.debug("builtin backend: ignoring a client %s for id %r", kind, message.get("id"))
-
-    def _reply(self, request: Message, done: rpc.Done, result: Any) -> None:
-        self.transport.send({"jsonrpc": "2.0", "id": request["id"], "result": result}, done)
 
 
 class CodexBackend(Backend):
@@ -717,16 +742,17 @@ class CodexBackend(Backend):
         self._stop_deadline = float("inf")
         self._closed = False
 
-    def handle(self, message: Message, done: rpc.Done = rpc.nothing) -> None:
+    def handle(self, message: Message, done: rpc.Done = rpc.nothing,
+               route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
         if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
-                message, done):
+                message, done, route):
             return
         if kind in (rpc.RESPONSE, rpc.ERROR):
             self._answer_codex(message)
             return
         for attempt in (1, 2):
-            child = self._running_child(message, done)
+            child = self._running_child(message, done, route)
             if child is None:
                 return
             if kind != rpc.REQUEST:
@@ -743,7 +769,7 @@ class CodexBackend(Backend):
                 our_id = self._new_id()
             data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
             with self._lock:
-                child.pending[our_id] = (message, done)
+                child.pending[our_id] = (message, done, route)
                 if message["method"] == "initialize":
                     self._init_params = message.get("params", {})
             if child.write(data):
@@ -762,9 +788,9 @@ class CodexBackend(Backend):
         reason = "codex-app-server is shutting down" if self._closed or \
             time.monotonic() >= self._stop_deadline else \
             "codex app-server is not available: it exited before it could take the request"
-        for request, request_done in [(message, done)] + waiting:
+        for request, request_done, request_route in [(message, done, route)] + waiting:
             self.transport.send(rpc.error_response(request["id"], rpc.INTERNAL_ERROR, reason),
-                                request_done)
+                                request_done, request_route)
 
     def stopping(self, deadline: float) -> None:
         with self._lock:
@@ -802,17 +828,17 @@ class CodexBackend(Backend):
         self._next_id += 1
         return our_id
 
-    def _answer_initialize(self, request: Message, done: rpc.Done) -> bool:
+    def _answer_initialize(self, request: Message, done: rpc.Done, route: rpc.Route) -> bool:
         """Answer a repeated ``initialize`` ourselves; False sends it on to Codex."""
         with self._lock:
             if self._init_result is not None:
                 result = self._init_result
             elif self._init_params is not None:
-                self._init_waiting.append((request, done))
+                self._init_waiting.append((request, done, route))
                 return True
             else:
                 return False
-        self.transport.send({"id": request["id"], "result": result}, done)
+        self.transport.send({"id": request["id"], "result": result}, done, route)
         return True
 
     def _from_child(self, child: "CodexChild", message: Message) -> None:
@@ -830,12 +856,12 @@ class CodexBackend(Backend):
         if pending is None:
             log.warning("codex answered id %r, which no client asked", message["id"])
             return
-        request, done = pending
+        request, done, route = pending
         waiting = self._initialized(message) if request["method"] == "initialize" else []
         if request.get("id") is not None:  # None: our own replayed initialize
-            self.transport.send(dict(message, id=request["id"]), done)
-        for other, other_done in waiting:
-            self.transport.send(dict(message, id=other["id"]), other_done)
+            self.transport.send(dict(message, id=request["id"]), done, route)
+        for other, other_done, other_route in waiting:
+            self.transport.send(dict(message, id=other["id"]), other_done, other_route)
 
     def _ask_client(self, child: "CodexChild", request: Message) -> Message:
         """Codex's request goes out under an id no other request of this server has had."""
@@ -882,7 +908,8 @@ class CodexBackend(Backend):
 
     # Children ------------------------------------------------------------
 
-    def _running_child(self, message: Message, done: rpc.Done) -> Optional["CodexChild"]:
+    def _running_child(self, message: Message, done: rpc.Done,
+                       route: rpc.Route) -> Optional["CodexChild"]:
         with self._lock:
             if self._child is not None and self._child.alive():
                 return self._child
@@ -891,7 +918,7 @@ class CodexBackend(Backend):
             if rpc.kind(message) == rpc.REQUEST:
                 self.transport.send(rpc.error_response(
                     message["id"], rpc.INTERNAL_ERROR, "codex-app-server is shutting down"),
-                    done)
+                    done, route)
             return None
         try:
             child = CodexChild(self._argv, self._from_child, self._child_exited,
@@ -901,7 +928,7 @@ class CodexBackend(Backend):
             if rpc.kind(message) == rpc.REQUEST:
                 self.transport.send(rpc.error_response(
                     message["id"], rpc.INTERNAL_ERROR, f"cannot start codex app-server: {exc}"),
-                    done)
+                    done, route)
             return None
         log.info("started codex app-server for %s (pid %d)", self.transport.name, child.pid)
         with self._lock:
@@ -909,7 +936,7 @@ class CodexBackend(Backend):
             replay = self._init_params if self._init_result is not None else None
             if replay is not None:
                 our_id = self._new_id()
-                child.pending[our_id] = ({"method": "initialize"}, rpc.nothing)
+                child.pending[our_id] = ({"method": "initialize"}, rpc.nothing, rpc.DEFAULT_ROUTE)
         if replay is not None:
             # A restarted child must be initialized before it takes other requests.
             child.write(rpc.encode({"id": our_id, "method": "initialize", "params": replay}))
@@ -920,7 +947,7 @@ class CodexBackend(Backend):
             if self._child is child:
                 self._child = None
             orphans, child.pending = list(child.pending.values()), {}
-            if any(request["method"] == "initialize" for request, _ in orphans):
+            if any(request["method"] == "initialize" for request, _, _ in orphans):
                 orphans += self._init_waiting
                 self._init_waiting = []
                 if self._init_result is None:
@@ -957,10 +984,11 @@ class CodexBackend(Backend):
                     turn, items=[], itemsView="notLoaded", status="failed", error=error,
                     completedAt=int(now),
                     durationMs=int((now - started) * 1000) if _is_number(started) else None)}})
-        for request, done in orphans:
+        for request, done, route in orphans:
             if request.get("id") is not None:
                 self.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR, f"{message} before answering"), done)
+                    request["id"], rpc.INTERNAL_ERROR, f"{message} before answering"), done,
+                    route)
 
 
 # Ids of Codex's requests as the clients see them, never reused, also across restarts: they

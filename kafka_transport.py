@@ -4,16 +4,24 @@ This module knows Kafka and the JSON-RPC 2.0 envelope, nothing of Codex.  It
 imports kafka-python only when a ``KafkaTransport`` is built, so the envelope
 functions work on a host without kafka-python (stdio-only use).
 
-Public entry points, in reading order:
+Sections, in reading order (each one concern):
 
-* ``decode`` / ``encode`` / ``kind`` / ``reply_key`` / ``error_response``:
-  the JSON-RPC envelope, shared by every transport.
-* ``client_config``: librdkafka/Java property names (``-X key=value``) mapped
-  onto kafka-python's keyword arguments.
-* ``KafkaTransport``: consumes the input topic into a caller's sink (the
-  processor) and produces replies to the output topic, at least once.
+* JSON-RPC envelopes: ``decode`` (strict JSON) / ``encode`` / ``encode_reply``
+  / ``kind`` / ``reply_key`` / ``error_response`` / ``oversized``, shared by
+  every transport, and ``LogThrottle`` for their warnings.
+* Routes: ``Route`` / ``parse_route``, where a message came from and where its
+  answers go (the record key is the session; the request-reply headers of
+  Spring, SmallRye, NestJS and FastStream name a reply topic, partition,
+  correlation).
+* Client configuration: ``client_config`` maps librdkafka/Java property names
+  (``-X key=value``) onto kafka-python's keyword arguments.
+* Security checks: TLS and SASL failures named up front (exit 3).
+* The transport: ``KafkaTransport`` consumes the input topic into a caller's
+  sink (the processor) and produces what answers it where its route says, at
+  least once and in order per session.
 """
 
+import bisect
 import collections
 import functools
 import json
@@ -25,7 +33,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import (Any, Callable, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional,
+                    Set, Tuple)
 
 log = logging.getLogger("kafka_transport")
 
@@ -350,6 +359,104 @@ class LogThrottle:
         allowed, held = self.allow()
         if allowed:
             logger.warning(text + (f" ({held} more like it not logged)" if held else ""), *args)
+
+
+# --- routes -----------------------------------------------------------------
+# A message travels with its route: the transport makes it on input and honours it
+# on output; everything in between passes it along unopened.
+
+# The request-reply headers of the Kafka client libraries, by what they say.
+CORRELATION_HEADERS = ("kafka_correlationId", "REPLY_CORRELATION_ID", "correlation_id")
+REPLY_TOPIC_HEADERS = ("kafka_replyTopic", "REPLY_TOPIC", "reply_to")
+REPLY_PARTITION_HEADERS = ("kafka_replyPartition", "REPLY_PARTITION")
+SESSION_HEADER = "codex-session"
+MAX_SESSION_KEY_BYTES = 1024
+_ROUTING_HEADERS = frozenset(CORRELATION_HEADERS + REPLY_TOPIC_HEADERS + REPLY_PARTITION_HEADERS)
+
+
+class Route:
+    """Where a message came from and where what answers it goes.
+
+    ``session`` is the client's record key (None: the default session);
+    ``topic`` and ``partition`` the reply topic and partition it asked for (None:
+    the output topic, and the session's partition there); ``correlation`` the
+    headers to echo on the reply to this very message.
+    """
+
+    __slots__ = ("session", "topic", "partition", "correlation")
+
+    def __init__(self, session: Optional[bytes] = None, topic: Optional[str] = None,
+                 partition: Optional[int] = None,
+                 correlation: Tuple[Tuple[str, bytes], ...] = ()):
+        self.session = session
+        self.topic = topic
+        self.partition = partition
+        self.correlation = correlation
+
+    def __repr__(self) -> str:
+        return (f"Route(session={self.session!r}, topic={self.topic!r}, "
+                f"partition={self.partition!r}, correlation={self.correlation!r})")
+
+
+DEFAULT_ROUTE = Route()
+
+
+def parse_route(key: Optional[bytes], headers: Optional[Iterable[Tuple[str, bytes]]],
+                allowed_topics: Optional["re.Pattern[str]"] = None) -> Route:
+    """The route of a record with this key and these headers; InvalidMessage (without an
+    id: the caller knows it) naming what is unusable."""
+    if key is not None and not key:
+        raise InvalidMessage("the record key (the session) is empty: leave it unset for the "
+                             "default session")
+    if key is not None and len(key) > MAX_SESSION_KEY_BYTES:
+        raise InvalidMessage(f"the record key (the session) has {len(key)} bytes, more than "
+                             f"{MAX_SESSION_KEY_BYTES}")
+    if not headers:
+        return Route(key)
+    topic: Optional[str] = None
+    partition: Optional[int] = None
+    correlation: List[Tuple[str, bytes]] = []
+    for name, value in headers:
+        if name not in _ROUTING_HEADERS:
+            continue
+        value = value or b""
+        if name in CORRELATION_HEADERS:
+            correlation.append((name, value))
+        elif name in REPLY_TOPIC_HEADERS and topic is None:
+            topic = _reply_topic(name, value, allowed_topics)
+        elif name in REPLY_PARTITION_HEADERS and partition is None:
+            partition = _reply_partition(name, value)
+    return Route(key, topic, partition, tuple(correlation))
+
+
+def _reply_topic(name: str, value: bytes, allowed: Optional["re.Pattern[str]"]) -> str:
+    try:
+        topic = value.decode("ascii")
+    except UnicodeDecodeError:
+        topic = ""
+    if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+        raise InvalidMessage(f"header {name}: {value[:100]!r} is not a Kafka topic name")
+    if allowed is not None and not allowed.fullmatch(topic):
+        raise InvalidMessage(f"header {name}: reply topic {topic!r} is not allowed here "
+                             "(--kafka-reply-topic-pattern)")
+    return topic
+
+
+def _reply_partition(name: str, value: bytes) -> int:
+    # Spring and SmallRye send a 4-byte big-endian int, NestJS decimal ASCII.
+    if len(value) == 4 and not value.isdigit():
+        partition = int.from_bytes(value, "big", signed=True)
+    elif value.isdigit() and len(value) <= 10:
+        partition = int(value)
+    else:
+        raise InvalidMessage(f"header {name}: {value[:20]!r} is neither a 4-byte big-endian "
+                             "integer nor decimal digits")
+    if not 0 <= partition <= INT32_MAX:
+        raise InvalidMessage(f"header {name}: partition {partition} is out of range")
+    return partition
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 # --- client configuration -------------------------------------------------
@@ -685,7 +792,7 @@ class KafkaTransport:
     its partition are done.  Whoever answers a request calls ``send(reply,
     done)``, and ``done`` runs when the broker acknowledged the reply.
 
-    ``sink`` is the processor: ``sink.offer(transport, [(message, done), ...])``
+    ``sink`` is the processor: ``sink.offer(transport, [(message, done, route), ...])``
     takes as many as it has room for and returns how many; ``sink.has_room() -> bool`` says it is
     below its low-water mark.  While it is full the partitions are paused, and
     polling goes on so the group membership stays alive.
@@ -701,12 +808,15 @@ class KafkaTransport:
     def __init__(self, input_topic: str, output_topic: str, sink: Any,
                  properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
                  dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
-                 poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024):
+                 poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
+                 reply_topic_pattern: Optional[str] = None):
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
         self.max_input_bytes = max_input_bytes
+        self.reply_topic_pattern = re.compile(reply_topic_pattern) \
+            if reply_topic_pattern is not None else None
         self.connect_timeout = connect_timeout
         self.max_unacked = 10000
         self._sink = sink
@@ -726,11 +836,19 @@ class KafkaTransport:
         self._replace_after = 0.0  # no new producer before then (the last attempt failed)
         self._invalid_log = LogThrottle()
         self._offsets = OffsetTracker()
-        self._backlog: Deque[Tuple[Any, Message, Done]] = collections.deque()
+        self._backlog: Deque[Tuple[Any, Message, Done, Route]] = collections.deque()
         self._paused = False
         self._last_commit = 0.0
         self._lock = threading.Lock()
-        self._retries: List[_Send] = []  # failed sends waiting for their next attempt
+        # Per lane (topic, and session or named partition): failed sends and those
+        # behind them, in send order.
+        self._held: Dict[Any, List[_Send]] = {}
+        self._seq = 0  # send order
+        # reply topic -> (until when known, problem or "", its partitions)
+        self._reply_topics: Dict[str, Tuple[float, str, FrozenSet[int]]] = {}
+        self._partition_cache: Dict[Tuple[str, bytes], Tuple[int, int]] = {}
+        self._unroutable_log = LogThrottle()
+        self._murmur2: Any = None  # kafka-python's murmur2, set on connect
         self._unacked = 0  # sends not yet acknowledged, retries included
         self._shutdown = threading.Event()
         self._close_requested = threading.Event()
@@ -753,12 +871,31 @@ class KafkaTransport:
         finally:
             self._closed.set()
 
-    def send(self, message: Message, done: Done = nothing) -> None:
-        """Produce one message to the output topic, keyed by its id (unkeyed without one).
+    def send(self, message: Message, done: Done = nothing, route: Route = DEFAULT_ROUTE) -> None:
+        """Produce one message where its ``route`` says, keyed by its id (unkeyed without).
 
-        Retried until the broker acknowledges it (or the shutdown deadline); then
-        ``done`` runs.  A reply over ``max_message_bytes`` becomes an error reply.
+        The topic is the route's reply topic, else the output topic; the partition the
+        route's, else the session's (murmur2 of its key, as Java and kafka-python pick
+        for that key; 0 for the default session), so all of a session's records keep
+        their order.  A keyed session's records carry the ``codex-session`` header, a
+        reply its request's correlation headers.  Retried until the broker acknowledges
+        it (or the shutdown deadline), and never overtaken by a later record of its
+        session that was not yet handed to the producer; then ``done`` runs.  A reply
+        over ``max_message_bytes`` becomes an error reply.
         """
+        if route.topic is not None and self._producer is not None:
+            problem = self._reply_topic_problem(route)
+            if problem:
+                self._unroutable_log.warning(log, "session %s: reply topic %s %s; the %s goes "
+                                             "to %s as an error", _shown(route.session),
+                                             route.topic, problem, kind(message),
+                                             self.output_topic)
+                if "id" not in message or "method" in message:
+                    done()  # a notification or Codex's request: nobody to tell but the log
+                    return
+                message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
+                                         f"{route.topic} {problem}: the reply cannot go there")
+                route = Route(route.session, correlation=route.correlation)
         value = encode_reply(message)
         if value is None:
             done()
@@ -769,7 +906,14 @@ class KafkaTransport:
             if value is None:
                 done()
                 return
-        self._produce(_Send(self.output_topic, key, value, None, done))
+        headers = None
+        if route.session is not None or route.correlation:
+            headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
+            if "method" not in message:  # only the reply itself answers the correlation
+                headers.extend(route.correlation)
+        topic = route.topic or self.output_topic
+        self._produce(_Send(topic, key, value, headers, done, route.session, route.partition,
+                            (topic, route.session if route.partition is None else route.partition)))
 
     def shutdown(self) -> None:
         """Stop taking new records; the loop returns within one poll interval."""
@@ -784,23 +928,75 @@ class KafkaTransport:
 
     # Producing ---------------------------------------------------------
 
-    def _produce(self, send: "_Send", first: bool = True) -> None:
+    def _produce(self, send: "_Send", first: bool = True) -> bool:
+        """Hand ``send`` to the producer; False when that failed at once (it is then held
+        for a retry).  A first attempt whose lane holds earlier sends waits behind them."""
         send.transport = self
         if first:
             with self._lock:
                 self._unacked += 1
+                send.seq = self._seq = self._seq + 1
+                lane = self._held.get(send.lane)
+                if lane:  # an earlier record of its session waits for a retry
+                    bisect.insort(lane, send)
+                    return True
         producer = send.producer = self._producer
         if producer is None:
             self._failed(send, "not connected to kafka yet")
-            return
+            return False
         try:
+            partition = send.partition
+            if partition is None and send.lane is not None:
+                partition = self._session_partition(producer, send.topic, send.session)
             future = producer.send(send.topic, value=send.value, key=send.key,
-                                   headers=send.headers)
+                                   headers=send.headers, partition=partition)
         except Exception as exc:
             self._failed(send, exc)
-            return
+            return False
         future.add_callback(send.acknowledged)
         future.add_errback(send.failed)
+        return True
+
+    def _session_partition(self, producer: Any, topic: str, session: Optional[bytes]) -> int:
+        """The partition of ``session`` in ``topic``: what Java's and kafka-python's default
+        partitioner pick for its key, so a client can compute it; 0 for the default one."""
+        if session is None:
+            return 0
+        partitions = producer.partitions_for(topic)  # kept fresh by kafka-python's metadata
+        if not partitions:
+            raise LookupError(f"no partitions known for {topic}")
+        count = len(partitions)
+        cached = self._partition_cache.get((topic, session))
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        partition = (self._murmur2(session) & 0x7FFFFFFF) % count
+        if len(self._partition_cache) > 10000:
+            self._partition_cache.clear()
+        self._partition_cache[(topic, session)] = (count, partition)
+        return partition
+
+    def _reply_topic_problem(self, route: Route) -> str:
+        """Why ``route``'s reply topic cannot take records, or "".  The first look at a
+        topic may wait for its metadata (up to max.block.ms); what was found is kept for a
+        minute."""
+        now = time.monotonic()
+        known = self._reply_topics.get(route.topic)
+        if known is not None and known[0] > now:
+            problem, partitions = known[1], known[2]
+        else:
+            problem, partitions = "", frozenset()
+            try:
+                partitions = frozenset(self._producer.partitions_for(route.topic) or ())
+                if not partitions:
+                    problem = "has no partitions"
+            except Exception as exc:
+                problem = f"is unknown to the brokers ({type(exc).__name__})"
+            if len(self._reply_topics) > 10000:
+                self._reply_topics.clear()
+            self._reply_topics[route.topic] = (now + 60.0, problem, partitions)
+        if not problem and route.partition is not None and route.partition not in partitions:
+            problem = f"has no partition {route.partition}"
+        return problem
 
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
@@ -825,7 +1021,10 @@ class KafkaTransport:
         log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
                     _shown(send.key), send.topic, error, send.attempt, delay)
         with self._lock:
-            self._retries.append(send)
+            # Its session's later records wait behind it, in their order.
+            lane = self._held.setdefault(send.lane, [])
+            if not any(held is send for held in lane):
+                bisect.insort(lane, send)
 
     def _why_fatal(self, error: Any, producer: Any) -> Optional[str]:
         """Why ``producer`` is beyond recovery, or None: a fatal error class, kafka-python's
@@ -849,15 +1048,32 @@ class KafkaTransport:
     def _resend_failed(self, replace: bool = True) -> None:
         if self._producer_broken and replace and time.monotonic() >= self._replace_after:
             self._replace_producer()
+        if not self._held:
+            return
         now = time.monotonic()
         with self._lock:
-            due = [send for send in self._retries if send.due <= now]
-            self._retries = [send for send in self._retries if send.due > now]
-        for send in due[:100]:  # a bounded pass: the consumer must get back to poll()
-            self._produce(send, first=False)
-        if len(due) > 100:
-            with self._lock:
-                self._retries.extend(due[100:])
+            due = [lane for lane, sends in self._held.items() if sends[0].due <= now]
+        budget = 100  # a bounded pass: the consumer must get back to poll()
+        for lane in due:
+            # One at a time from the front, the lane kept while it drains: a first attempt
+            # arriving meanwhile still queues behind.  A send that fails again stops it.
+            while budget > 0:
+                with self._lock:
+                    sends = self._held.get(lane)
+                    if not sends:
+                        self._held.pop(lane, None)
+                        break
+                    send = sends[0]
+                budget -= 1
+                handed = self._produce(send, first=False)
+                with self._lock:
+                    sends = self._held.get(lane)
+                    if handed and sends and sends[0] is send:
+                        sends.pop(0)
+                    if sends is not None and not sends:
+                        del self._held[lane]
+                if not handed:
+                    break
 
     def _replace_producer(self) -> None:
         # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
@@ -891,6 +1107,8 @@ class KafkaTransport:
     def _connect(self) -> bool:
         kafka = _import_kafka()
         errors = kafka.errors
+        from kafka.partitioner.default import murmur2
+        self._murmur2 = murmur2
         self._fatal_errors = tuple(getattr(errors, name) for name in (
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
             if hasattr(errors, name))
@@ -975,15 +1193,27 @@ class KafkaTransport:
 
     def _take(self, partition: Any, record: Any, done: Done) -> None:
         value = record.value or b""
+        message = None
         try:
             if len(value) > self.max_input_bytes:
                 raise oversized(value[:1024], len(value), self.max_input_bytes)
             message = decode(value)
+            if kind(message) != REQUEST:  # only a request has a reply to route
+                route = _fallback_route(record.key, None)
+            else:
+                route = parse_route(record.key, record.headers, self.reply_topic_pattern)
+                if route.topic is not None and (route.topic == self.input_topic
+                                                or route.topic.startswith("__")):
+                    raise InvalidMessage(f"reply topic {route.topic} is not allowed: the "
+                                         "input topic and internal topics never are")
         except InvalidMessage as exc:
+            if message is not None and kind(message) == REQUEST:
+                exc.id = message["id"]  # a usable message with an unusable route
             self._reject(record, exc, done)
             if exc.answers is not None:  # an answer to Codex: Codex hears it failed
                 self._backlog.append((partition, error_response(exc.answers, exc.code,
-                                                                exc.reason), nothing))
+                                                                exc.reason), nothing,
+                                      _fallback_route(record.key, None)))
             return
         except Exception as exc:  # a poison pill must be passed, never retried forever
             log.exception("unexpected error reading kafka record: topic %s partition %d "
@@ -991,12 +1221,11 @@ class KafkaTransport:
             self._reject(record, InvalidMessage(f"unreadable record ({type(exc).__name__})",
                                                 PARSE_ERROR), done)
             return
-        self._backlog.append((partition, message, done))
+        self._backlog.append((partition, message, done, route))
 
     def _offer_backlog(self) -> None:
         if self._backlog:
-            taken = self._sink.offer(self, [(message, done) for _, message, done in
-                                            self._backlog])
+            taken = self._sink.offer(self, [item[1:] for item in self._backlog])
             for _ in range(taken):
                 self._backlog.popleft()
         assigned = self._consumer.assignment()
@@ -1029,15 +1258,10 @@ class KafkaTransport:
             # A record with neither key nor value cannot be produced as is: keep it, empty.
             value = record.value if record.value is not None or record.key is not None else b""
             sends.append(_Send(self.dead_letter_topic, record.key, value, headers, nothing))
-        if error.id is not None:
-            reply = error_response(error.id, error.code, error.reason)
-            value = encode_reply(reply)
-            if value is not None:
-                sends.append(_Send(self.output_topic, reply_key(reply), value, None, nothing))
-        if not sends:
+        if not sends and error.id is None:
             done()
             return
-        remaining = [len(sends)]
+        remaining = [len(sends) + (error.id is not None)]
 
         def one_done() -> None:
             with self._lock:
@@ -1048,6 +1272,9 @@ class KafkaTransport:
         for send in sends:
             send.done = one_done
             self._produce(send)
+        if error.id is not None:  # on the output topic: the record's reply topic may be why
+            self.send(error_response(error.id, error.code, error.reason), one_done,
+                      _fallback_route(record.key, record.headers))
 
     def _announce_ready(self) -> None:
         consumer = self._consumer
@@ -1120,20 +1347,29 @@ class KafkaTransport:
 class _Send:
     """One record to produce, with what to call once the broker has it."""
 
-    __slots__ = ("topic", "key", "value", "headers", "done", "attempt", "due", "transport",
-                 "producer")
+    __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
+                 "attempt", "due", "seq", "transport", "producer")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
-                 headers: Optional[List[Tuple[str, bytes]]], done: Done):
+                 headers: Optional[List[Tuple[str, bytes]]], done: Done,
+                 session: Optional[bytes] = None, partition: Optional[int] = None,
+                 lane: Any = None):
         self.topic = topic
         self.key = key
         self.value = value
         self.headers = headers
         self.done = done
+        self.session = session
+        self.partition = partition  # None: the session's (or, without a lane, the key's)
+        self.lane = lane  # what it keeps its order within; None: kafka-python partitions it
         self.attempt = 0
         self.due = 0.0
+        self.seq = 0
         self.transport: Any = None
         self.producer: Any = None  # the producer of the last attempt
+
+    def __lt__(self, other: "_Send") -> bool:  # for bisect: send order
+        return self.seq < other.seq
 
     # Future callbacks: bound methods, so no closure is made per record.
     def acknowledged(self, metadata: Any) -> None:
@@ -1203,6 +1439,17 @@ class OffsetTracker:
             for partition in partitions:
                 for table in (self._pending, self._done, self._next, self._asked):
                     table.pop(partition, None)
+
+
+def _fallback_route(key: Optional[bytes], headers: Any) -> Route:
+    """A record's session (the default one when its key is unusable) and its correlation
+    headers, without the reply topic and partition: for an error about its route."""
+    try:
+        session = parse_route(key, None).session
+    except InvalidMessage:
+        session = None
+    return Route(session, correlation=tuple((name, value or b"") for name, value in headers or ()
+                                            if name in CORRELATION_HEADERS))
 
 
 def _close_producer(producer: Any, timeout: float) -> None:

@@ -173,17 +173,23 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0,
                partition: int = 0) -> List[Any]:
     """The records of one partition from its start, once ``count`` are there (or at
     ``timeout``, with what there is)."""
+    return read_partitions(bootstrap, topic, [partition], count, timeout)[partition]
+
+
+def read_partitions(bootstrap: str, topic: str, partitions: List[int], count: int,
+                    timeout: float = 20.0) -> Dict[int, List[Any]]:
+    """{partition: its records from the start}, once ``count`` are there in all."""
     from kafka import KafkaConsumer, TopicPartition
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    consumer.assign([TopicPartition(topic, partition)])
+    consumer.assign([TopicPartition(topic, partition) for partition in partitions])
     consumer.seek_to_beginning()
-    records: List[Any] = []
+    found: Dict[int, List[Any]] = {partition: [] for partition in partitions}
     deadline = time.monotonic() + timeout
-    while len(records) < count and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=200).values():
-            records.extend(batch)
+    while sum(map(len, found.values())) < count and time.monotonic() < deadline:
+        for tp, batch in consumer.poll(timeout_ms=200).items():
+            found[tp.partition].extend(batch)
     consumer.close()
-    return records
+    return found
 
 
 # --- a Kafka client on the server's topics -------------------------------------

@@ -74,8 +74,13 @@ def stdio(start_server) -> Callable[..., StdioSession]:
 
 
 def assert_no_crash_in(log: str) -> None:
-    for sign in ("Traceback", "Exception in thread", "Fatal Python error"):
+    """No thread died and nothing of ours raised (kafka-python may log its own close races)."""
+    for sign in ("Exception in thread", "Fatal Python error", "internal error"):
         assert sign not in log, log[-4000:]
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        frames = block.split("\n20")[0]  # up to the next log line
+        assert "codex_app_server.py" not in frames and "kafka_transport.py" not in frames, \
+            block[:3000]
 
 
 # --- the issue's defects, one by one (stdio) ----------------------------------------
@@ -187,8 +192,8 @@ def test_child_flooding_stdout_is_stopped_and_requests_fail(stdio):
     log = session.server.log
     assert "it wrote 100 lines in a row that are not JSON-RPC" in log, log[-3000:]
     assert "stopped by codex-app-server" in first["error"]["message"] + log
-    # One warning per line, at most, and only up to the limit: no log flood.
-    assert log.count("cannot be relayed") <= 2 * 100 + 5
+    # One warning per line, at most, and only up to each child's limit: no log flood.
+    assert log.count("cannot be relayed") <= 100 * log.count("started codex app-server")
     assert len(log) < 100_000
     assert session.finish() == 0
     assert_no_crash_in(session.server.log)

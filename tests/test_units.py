@@ -338,7 +338,7 @@ class Recorder:
     def __init__(self):
         self.sent = []
 
-    def send(self, message, done=rpc.nothing):
+    def send(self, message, done=rpc.nothing, route=rpc.DEFAULT_ROUTE):
         self.sent.append(message)
         done()
 
@@ -346,10 +346,10 @@ class Recorder:
 class Exploding(app.Backend):
     """A backend with a bug: it raises on the method "boom"."""
 
-    def handle(self, message, done):
+    def handle(self, message, done, route):
         if message.get("method") == "boom":
             raise RuntimeError("a bug")
-        self.transport.send({"id": message["id"], "result": {}}, done)
+        self.transport.send({"id": message["id"], "result": {}}, done, route)
 
 
 def test_a_failing_message_becomes_its_own_error_and_the_next_is_handled(caplog):
