@@ -1020,6 +1020,7 @@ class CodexChild:
                                          stderr=subprocess.PIPE, env=env,
                                          start_new_session=True)
         self.pid = self._process.pid
+        self._watch = self._start_watcher()
         self.pending: Dict[int, Pending] = {}  # our id -> the client's request
         # Codex's ids of its unresolved requests to clients -> (the clients' id, thread id)
         self.asked: Dict[Any, Tuple[int, Any]] = {}
@@ -1037,6 +1038,29 @@ class CodexChild:
 
     def alive(self) -> bool:
         return self._process.poll() is None
+
+    def _start_watcher(self) -> Optional[int]:
+        """A tiny process that stops the child's whole process group once this server is
+        gone, however it went (kill -9 included): it waits for the end of a pipe only this
+        server holds.  Portable (sh, cat, kill), unlike Linux's parent-death signal."""
+        read_end, write_end = os.pipe()
+        try:
+            subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(self.pid)],
+                             stdin=read_end, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+            return write_end
+        except OSError as exc:
+            log.warning("cannot start the watcher of codex app-server (pid %d): %s; it may "
+                        "outlive a server that is killed", self.pid, exc)
+            os.close(write_end)
+            return None
+        finally:
+            os.close(read_end)
+
+    def _end_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            os.close(watch)  # the watcher stops what is left of the group, then exits
 
     def write(self, data: bytes) -> bool:
         """One encoded message as a line to the child's stdin; False when it cannot take it
@@ -1119,7 +1143,9 @@ class CodexChild:
             bad = 0
             self._deliver(message)
         try:
-            self._on_exit(self, self._process.wait())
+            status = self._process.wait()
+            self._end_watch()
+            self._on_exit(self, status)
         finally:
             self.exited.set()
 
@@ -1157,6 +1183,11 @@ class CodexChild:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The watcher (sh): wait until the server's pipe ends, then stop the group of $1: TERM, and
+# KILL two seconds later for whatever is still there (commands Codex started, say).
+# (POSIX "kill -s SIG -- -PGID": dash, for one, takes no "-TERM --".)
+_WATCHER = ('cat >/dev/null; kill -s TERM -- "-$1" 2>/dev/null || exit 0; sleep 2; '
+            'kill -s KILL -- "-$1" 2>/dev/null; exit 0')
 
 
 def _is_number(value: Any) -> bool:

@@ -624,6 +624,27 @@ def test_request_after_crash_is_not_failed_by_the_dead_child(codex_server, codex
     assert server.process.wait(WAIT) == 0, server.log
 
 
+def test_server_killed_leaves_no_codex_behind(codex_server, codex_bin):
+    """kill -9 of the server: Codex and the commands it runs are gone within 5 s."""
+    server = codex_server(stdin=subprocess.PIPE)
+    stdio = StdioClient(server)
+    stdio.request(31, "initialize", {"clientInfo": CLIENT_INFO})
+    stdio.send({"id": 32, "method": "command/exec",
+                "params": {"command": ["sleep", "53"], "timeoutMs": 60000}})
+    codex_pid = logged_codex_pids(server)[0]
+    sleeper = wait_until(lambda: [pid for pid in descendants(codex_pid)
+                                  if cmdline(pid)[:2] == ["sleep", "53"]],
+                         WAIT, "codex did not start `sleep 53`")[0]
+    try:
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: not alive(codex_pid) and not alive(sleeper), 5,
+                   "codex (or its command) outlived the server")
+    finally:
+        kill_if(codex_pid, "codex")
+        kill_if(sleeper, "sleep")
+
+
 def test_codex_not_found(start_server, codex_env, topics):
     server = start_server(["--backend", "codex", "--codex-command", "/nonexistent/codex app-server",
                            *topics.server_args()], env=codex_env)

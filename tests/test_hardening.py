@@ -213,6 +213,28 @@ def test_child_flooding_stderr_is_rate_limited(stdio):
     assert session.reply(1, timeout=5)["error"]["code"] == rpc.INTERNAL_ERROR
 
 
+def test_a_child_that_ignores_stdin_does_not_outlive_a_killed_server(stdio):
+    # Codex ends when its stdin does; this child does not, so only the watcher stops it.
+    session = stdio("--codex-command", "sh -c 'exec sleep 297'")
+    session.write(b'{"id":1,"method":"noop"}\n')
+    session.server.wait_for_log("started codex app-server")
+    pid = int(session.server.log.rsplit("(pid ", 1)[1].split(")")[0])
+    assert open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:2] == [b"sleep", b"297"]
+    session.server.process.kill()
+    session.server.process.wait()
+    def gone() -> bool:  # (a zombie is gone: its new parent may be slow to reap it)
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+    deadline = time.monotonic() + 5
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not gone():
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the child outlived the server by 5 s")
+
+
 # --- Kafka: poison pills, the size cap ---------------------------------------------
 
 POISON = [  # once each of these crashed the server, on every restart
