@@ -316,7 +316,8 @@ class Server:
 
     def add_stdio(self) -> None:
         self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
-                                              self.max_message_bytes))
+                                              self.max_message_bytes,
+                                              answer=self.processor.answer))
 
     def install_signal_handlers(self) -> None:
         for signum in STOP_SIGNALS:
@@ -443,6 +444,13 @@ class Processor:
                 self._changed.notify_all()
         return len(taken)
 
+    def answer(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
+               route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
+        """A client's answer to one of Codex's requests, handed to the backend at once on
+        the caller's thread: Codex may be holding, until it has the answer, the very
+        requests that fill the queue (a turn waiting for its approval)."""
+        self._handle(transport, message, done, route)
+
     def has_room(self) -> bool:
         """Below the low-water mark: a paused transport may resume."""
         return len(self._items) < self._low_water
@@ -518,8 +526,9 @@ class StdioTransport:
 
     def __init__(self, submit: Callable[[Any, Message], None], on_close: Callable[[str], None],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, stdin_fd: int = 0,
-                 stdout_fd: int = 1):
+                 stdout_fd: int = 1, answer: Optional[Callable[[Any, Message], None]] = None):
         self._submit = submit
+        self._answer = answer or submit
         self._on_close = on_close
         self.max_message_bytes = max_message_bytes
         self._stdin_fd = stdin_fd
@@ -555,7 +564,10 @@ class StdioTransport:
                 self.send(rpc.error_response(None, rpc.INTERNAL_ERROR,
                                              "internal error in codex-app-server"))
                 continue
-            self._submit(self, message)
+            if "method" in message:
+                self._submit(self, message)
+            else:
+                self._answer(self, message)
         if not self._shutdown.is_set():
             self._end("stdin closed")
 

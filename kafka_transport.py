@@ -794,7 +794,8 @@ class KafkaTransport:
 
     ``sink`` is the processor: ``sink.offer(transport, [(message, done, route), ...])``
     takes as many as it has room for and returns how many; ``sink.has_room() -> bool`` says it is
-    below its low-water mark.  While it is full the partitions are paused, and
+    below its low-water mark; ``sink.answer(transport, message, done, route)`` takes a
+    client's answer (a response or error) at once, past the queue.  While it is full the partitions are paused, and
     polling goes on so the group membership stays alive.
 
     ``serve_forever`` runs the consumer loop in the calling thread (the only
@@ -1220,6 +1221,11 @@ class KafkaTransport:
                           "offset %d", record.topic, record.partition, record.offset)
             self._reject(record, InvalidMessage(f"unreadable record ({type(exc).__name__})",
                                                 PARSE_ERROR), done)
+            return
+        if "method" not in message:
+            # A client's answer to Codex: Codex is waiting for it, maybe holding the very
+            # requests the queue is full of, so it never waits behind them.
+            self._sink.answer(self, message, done, route)
             return
         self._backlog.append((partition, message, done, route))
 

@@ -127,8 +127,8 @@ def codex_server(start_server, codex_bin, codex_env) -> Iterator[Callable[..., S
     """
     started: List[ServerProcess] = []
 
-    def start(topics: Optional[Topics] = None, **kwargs: Any) -> ServerProcess:
-        args = codex_args(codex_bin) + (topics.server_args() if topics else [])
+    def start(topics: Optional[Topics] = None, *extra: str, **kwargs: Any) -> ServerProcess:
+        args = codex_args(codex_bin) + (topics.server_args(*extra) if topics else list(extra))
         server = start_server(args, env=codex_env, **kwargs)
         started.append(server)
         return server.wait_ready() if topics else server
@@ -379,6 +379,33 @@ def test_command_approval(codex_server, topics, client, mock_model, decision, st
     assert any(told_model in text for text in follow_up.function_call_outputs()), \
         follow_up.function_call_outputs()
     assert_keyed_by_id(client)
+
+
+def test_an_approval_answer_does_not_wait_behind_a_full_queue(codex_server, topics, client,
+                                                                mock_model):
+    """With --queue-size 2 and two slow commands in flight, the processor waits for room;
+    the answer to a turn's approval must still reach Codex at once (issue 10)."""
+    codex_server(topics, "--queue-size", "2")
+    mock_model.add_exec_command("echo 42")
+    mock_model.add_text("Done.", n_deltas=1)
+    initialize(client, 101)
+    thread_id = request(client, 102, "thread/start", {"approvalPolicy": "untrusted"})[
+        "thread"]["id"]
+    request(client, 103, "turn/start", {"threadId": thread_id, "input": text_input("run it")})
+    _, ask = client.wait_for(lambda k, v: v.get("method") ==
+                             "item/commandExecution/requestApproval" and "id" in v, WAIT)
+    for msg_id in (104, 105, 106, 107):  # two in flight, two more fill the queue
+        client.send({"id": msg_id, "method": "command/exec",
+                     "params": {"command": ["sleep", "8"], "timeoutMs": 60000}})
+    time.sleep(1.0)
+    answered_at = time.monotonic()
+    client.send({"id": ask["id"], "result": {"decision": "accept"}})
+    done = notification(client, "turn/completed", threadId=thread_id)
+    took = time.monotonic() - answered_at
+    assert done["turn"]["status"] == "completed", done
+    assert took < 6, f"the answer waited {took:.1f} s behind the queue"
+    for msg_id in (104, 105, 106, 107):
+        assert client.reply(msg_id, timeout=40)[1]["result"]["exitCode"] == 0
 
 
 def test_two_clients_same_request_id(codex_server, topics, client):
