@@ -33,8 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import (Any, Callable, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional,
-                    Set, Tuple)
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 log = logging.getLogger("kafka_transport")
 
@@ -392,10 +391,6 @@ class Route:
         self.topic = topic
         self.partition = partition
         self.correlation = correlation
-
-    def __repr__(self) -> str:
-        return (f"Route(session={self.session!r}, topic={self.topic!r}, "
-                f"partition={self.partition!r}, correlation={self.correlation!r})")
 
 
 DEFAULT_ROUTE = Route()
@@ -793,10 +788,11 @@ class KafkaTransport:
     done)``, and ``done`` runs when the broker acknowledged the reply.
 
     ``sink`` is the processor: ``sink.offer(transport, [(message, done, route), ...])``
-    takes as many as it has room for and returns how many; ``sink.has_room() -> bool`` says it is
-    below its low-water mark; ``sink.answer(transport, message, done, route)`` takes a
-    client's answer (a response or error) at once, past the queue.  While it is full the partitions are paused, and
-    polling goes on so the group membership stays alive.
+    takes as many as it has room for and returns how many; ``sink.has_room()`` says
+    it is below its low-water mark; ``sink.answer(transport, message, done, route)``
+    takes a client's answer (a response or error) at once, past the queue.  While
+    the queue is full the partitions are paused, and polling goes on so the group
+    membership stays alive.
 
     ``serve_forever`` runs the consumer loop in the calling thread (the only
     thread that touches the consumer, which is not thread-safe); ``send`` may
@@ -846,7 +842,7 @@ class KafkaTransport:
         self._held: Dict[Any, List[_Send]] = {}
         self._seq = 0  # send order
         # reply topic -> (until when known, problem or "", its partitions)
-        self._reply_topics: Dict[str, Tuple[float, str, FrozenSet[int]]] = {}
+        self._reply_topics: Dict[str, Tuple[float, str, Any]] = {}
         self._partition_cache: Dict[Tuple[str, bytes], Tuple[int, int]] = {}
         self._unroutable_log = LogThrottle()
         self._murmur2: Any = None  # kafka-python's murmur2, set on connect
