@@ -11,13 +11,14 @@ goes straight back to the transport with the route it came with.  A shutdown
 Event stops intake, the processor drains, backends finish, then transports
 flush, commit and close.
 
-Sections: command line; server (``Server``, ``Processor``); stdio
+Sections: command line; server (``Server``, ``Processor``, ``MethodPolicy``); stdio
 (``StdioTransport``, ``LineReader``); backends (``BuiltinBackend``,
 ``CodexBackend`` and its ``CodexChild``).
 """
 
 import argparse
 import collections
+import fnmatch
 import itertools
 import logging
 import os
@@ -62,8 +63,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value for key, value in getattr(args, "kafka_properties", {}).items()
         if key in rpc.SECRET_PROPERTIES])
     backend_factory = backend_factory_for(args, parser)
+    policy = MethodPolicy(args.allow_method or (), args.deny_method or ()) \
+        if args.allow_method or args.deny_method else None
     server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
-                    queue_size=args.queue_size, max_message_bytes=args.max_message_bytes)
+                    queue_size=args.queue_size, max_message_bytes=args.max_message_bytes,
+                    policy=policy)
     if args.kafka:
         server.add_kafka(args)
     if args.stdio:
@@ -131,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest message the server reads: a longer stdin line or Kafka "
                              "record is answered with a JSON-RPC error and skipped without "
                              f"being held in memory (default: {DEFAULT_MAX_MESSAGE_BYTES})")
+    parser.add_argument("--allow-method", metavar="PATTERN", action="append", type=_glob,
+                        help="take only the client methods matching one of these shell-style "
+                             "patterns, e.g. 'thread/*' (repeatable; default: every method)")
+    parser.add_argument("--deny-method", metavar="PATTERN", action="append", type=_glob,
+                        help="refuse the client methods matching this shell-style pattern, e.g. "
+                             "'account/*' (repeatable; wins over --allow-method): a request "
+                             "gets -32601, a notification is dropped")
     parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=1000,
                         help="messages the processor queue holds; when full, Kafka partitions "
                              "are paused and stdin is not read (default: 1000)")
@@ -217,6 +228,13 @@ def _topic(text: str) -> str:
     return text
 
 
+def _glob(text: str) -> str:
+    if not text or any(char.isspace() or not char.isprintable() for char in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a method pattern (a shell-style "
+                                         "pattern without spaces, such as 'account/*')")
+    return text
+
+
 def _pattern(text: str) -> str:
     try:
         re.compile(text)
@@ -291,11 +309,12 @@ class Server:
 
     def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
                  queue_size: int = 1000,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 policy: Optional["MethodPolicy"] = None):
         self.shutdown_event = threading.Event()
         self.shutdown_timeout = shutdown_timeout
         self.max_message_bytes = max_message_bytes
-        self.processor = Processor(backend_factory, queue_size)
+        self.processor = Processor(backend_factory, queue_size, policy)
         self.transports: List[Any] = []
         self._signals = 0
         self._signalled = 0  # the first signal's number
@@ -412,8 +431,11 @@ class Processor:
     end its thread: a failure becomes that request's ``-32603`` error.
     """
 
-    def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000):
+    def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000,
+                 policy: Optional["MethodPolicy"] = None):
         self._factory = backend_factory
+        self._policy = policy
+        self._refused_log = rpc.LogThrottle()
         self._items: Deque[Tuple[Any, Message, rpc.Done, rpc.Route]] = collections.deque()
         self._changed = threading.Condition()
         self._capacity = queue_size
@@ -474,6 +496,18 @@ class Processor:
     def _handle(self, transport: Any, message: Message, done: rpc.Done,
                 route: rpc.Route) -> None:
         kind = rpc.kind(message)
+        if self._policy is not None and "method" in message \
+                and not self._policy.allows(message["method"]):
+            self._refused_log.warning(log, "refused a %s of method %r (id %r): not allowed by "
+                                      "--allow-method/--deny-method", kind, message["method"],
+                                      message.get("id"))
+            if kind == rpc.REQUEST:
+                self._call(transport.send, rpc.error_response(
+                    message["id"], rpc.METHOD_NOT_FOUND,
+                    f"method not allowed by this server: {message['method']}"), done, route)
+            else:
+                self._call(done)
+            return
         try:
             self._backends[transport].handle(message, done, route)
         except Exception:
@@ -511,6 +545,26 @@ class Processor:
     def close_backends(self, deadline: float) -> None:
         for backend in self._backends.values():
             backend.close(deadline)
+
+
+class MethodPolicy:
+    """Which client methods the server takes: shell-style patterns, the deny list winning,
+    and with an allow list only what it matches."""
+
+    def __init__(self, allow: Sequence[str] = (), deny: Sequence[str] = ()):
+        self.allow = list(allow)
+        self.deny = list(deny)
+        self._verdicts: Dict[str, bool] = {}  # a method is matched once
+
+    def allows(self, method: str) -> bool:
+        verdict = self._verdicts.get(method)
+        if verdict is None:
+            verdict = not any(fnmatch.fnmatchcase(method, pattern) for pattern in self.deny) \
+                and (not self.allow or any(fnmatch.fnmatchcase(method, pattern)
+                                           for pattern in self.allow))
+            if len(self._verdicts) < 10000:  # clients choose method names: stay bounded
+                self._verdicts[method] = verdict
+        return verdict
 
 
 # --- stdio ------------------------------------------------------------------

@@ -179,6 +179,18 @@ def test_eof_answers_every_pipelined_request_even_with_shutdown_timeout_0(stdio)
     assert sorted(reply["id"] for reply in session.replies()) == list(range(1000))
 
 
+def test_method_policy_over_stdio(stdio):
+    session = stdio(*BUILTIN, "--allow-method", "*", "--deny-method", "no?p")
+    session.write(b'{"id":1,"method":"noop"}\n{"method":"noop"}\n'
+                  b'{"id":2,"method":"initialize","params":{}}\n')
+    assert session.reply(1)["error"] == {"code": rpc.METHOD_NOT_FOUND,
+                                         "message": "method not allowed by this server: noop"}
+    assert "result" in session.reply(2)
+    assert session.finish() == 0
+    assert len(session.replies()) == 2
+    assert session.server.log.count("WARNING") == 2
+
+
 # --- a misbehaving Codex child -----------------------------------------------------
 
 def test_child_flooding_stdout_is_stopped_and_requests_fail(stdio):

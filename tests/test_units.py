@@ -371,6 +371,49 @@ def test_a_failing_message_becomes_its_own_error_and_the_next_is_handled(caplog)
     assert "RuntimeError: a bug" in caplog.text  # with the traceback
 
 
+@pytest.mark.parametrize("allow, deny, allowed, refused", [
+    ([], ["account/*", "config/*"], ["thread/start", "accounts"],
+     ["account/read", "account/login/start", "config/value/write"]),
+    (["thread/*", "turn/*", "initialize"], [], ["thread/start", "turn/start", "initialize"],
+     ["command/exec", "initialized", "thread"]),
+    (["*"], ["command/exec"], ["thread/start"], ["command/exec"]),  # deny wins
+    (["fs/read?ile"], [], ["fs/readFile", "fs/readfile"], ["fs/writeFile", "fs/readFiles"]),
+    (["fs/readFile"], [], ["fs/readFile"], ["fs/readfile"]),  # case matters
+])
+def test_method_policy(allow, deny, allowed, refused):
+    policy = app.MethodPolicy(allow, deny)
+    assert all(policy.allows(method) for method in allowed)
+    assert not any(policy.allows(method) for method in refused)
+    assert all(policy.allows(method) for method in allowed)  # (the remembered verdicts)
+
+
+def test_refused_methods_get_method_not_found_and_notifications_are_dropped(caplog):
+    transport = Recorder()
+    processor = app.Processor(lambda t: app.BuiltinBackend(t),
+                              policy=app.MethodPolicy(deny=["noop"]))
+    processor.register(transport)
+    acknowledged = []
+    for message in ({"id": 1, "method": "noop"}, {"method": "noop"},
+                    {"id": 2, "method": "initialize"}):
+        processor.submit(transport, message, lambda m=message: acknowledged.append(m.get("id")))
+    processor.stop(0)
+    processor.serve_forever()
+    refused, initialized = transport.sent
+    assert refused["id"] == 1 and refused["error"]["code"] == rpc.METHOD_NOT_FOUND
+    assert refused["error"]["message"] == "method not allowed by this server: noop"
+    assert "result" in initialized
+    assert acknowledged == [1, None, 2]  # all done: offsets commit past refused ones
+    assert caplog.text.count("not allowed by --allow-method/--deny-method") == 2
+
+
+@pytest.mark.parametrize("flag", ["--allow-method", "--deny-method"])
+def test_method_patterns_must_be_patterns(flag, capsys):
+    assert "not a method pattern" in usage_error([flag, "a b"], capsys)
+    assert "not a method pattern" in usage_error([flag, ""], capsys)
+    args = parse([flag, "account/*", flag, "config/*"])
+    assert getattr(args, flag[2:].replace("-", "_")) == ["account/*", "config/*"]
+
+
 def test_a_producer_kafka_python_gave_up_on_is_replaced():
     transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
                                                        "group.id": "g"})
