@@ -11,7 +11,8 @@ goes straight back to the transport with the route it came with.  A shutdown
 Event stops intake, the processor drains, backends finish, then transports
 flush, commit and close.
 
-Sections: command line; server (``Server``, ``Processor``, ``MethodPolicy``); stdio
+Sections: command line; server (``Server``, ``SystemdNotifier``, ``Processor``,
+``MethodPolicy``); stdio
 (``StdioTransport``, ``LineReader``); backends (``BuiltinBackend``,
 ``CodexBackend`` and its ``CodexChild``).
 """
@@ -27,6 +28,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -345,20 +347,32 @@ class Server:
 
     def serve_forever(self) -> int:
         """Run until a signal (or the end of stdio in stdio-only mode), then shut down in order."""
+        threads = []
         for transport in self.transports:
             self.processor.register(transport)
-            threading.Thread(target=self._serve_transport, args=(transport,),
-                             name=f"{transport.name}-transport", daemon=True).start()
+            threads.append(threading.Thread(target=self._serve_transport, args=(transport,),
+                                            name=f"{transport.name}-transport", daemon=True))
         processor_thread = threading.Thread(target=self.processor.serve_forever,
                                             name="processor", daemon=True)
-        processor_thread.start()
-        log.info("codex-app-server %s serving on %s", __version__,
-                 " and ".join(t.name for t in self.transports))
+        threads.append(processor_thread)
+        for thread in threads:
+            thread.start()
+        names = " and ".join(t.name for t in self.transports)
+        log.info("codex-app-server %s serving on %s", __version__, names)
+        systemd = SystemdNotifier()
+        ready = False
         # A timed wait keeps the main thread responsive to signals on every platform.
         # The signal handler only sets a number: Event.set() there could deadlock against
         # this very thread inside Event.wait(), which holds the Event's lock.
         while not (self.shutdown_event.is_set() or self._signalled):
+            if not ready and all(transport.ready.is_set() for transport in self.transports
+                                 if hasattr(transport, "ready")):
+                ready = True
+                systemd.notify("READY=1", f"STATUS=serving on {names}")
+            if ready and all(thread.is_alive() for thread in threads):
+                systemd.watchdog()
             time.sleep(0.2)
+        systemd.notify("STOPPING=1", "STATUS=shutting down")
         if self._signalled:
             log.info("received %s", signal.Signals(self._signalled).name)
             self.shutdown_event.set()
@@ -419,6 +433,35 @@ class Server:
             log.info("%s: the stdio connection ends, Kafka goes on", why)
             self.processor.close_backend(self.transports[-1], time.monotonic() +
                                          self.shutdown_timeout)
+
+
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd: READY=1, STATUS=, STOPPING=1 and WATCHDOG=1 as
+    datagrams to ``$NOTIFY_SOCKET`` (a path, or "@name" in the abstract namespace), the
+    watchdog at half of ``$WATCHDOG_USEC``.  Without ``$NOTIFY_SOCKET``, nothing."""
+
+    def __init__(self, environ: Optional[Dict[str, str]] = None):
+        environ = os.environ if environ is None else environ
+        path = environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + path[1:] if path.startswith("@") else path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if path else None
+        usec = environ.get("WATCHDOG_USEC", "")
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) else None
+        self._next_watchdog = 0.0
+
+    def notify(self, *lines: str) -> None:
+        if self._socket is not None:
+            try:
+                self._socket.sendto("\n".join(lines).encode(), self._address)
+            except OSError as exc:
+                log.debug("cannot notify systemd at %s: %s", self._address, exc)
+
+    def watchdog(self) -> None:
+        """WATCHDOG=1, when due: the caller checks first that its loops are alive."""
+        now = time.monotonic()
+        if self.watchdog_interval is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + self.watchdog_interval
+            self.notify("WATCHDOG=1")
 
 
 class Processor:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -189,6 +190,38 @@ def test_method_policy_over_stdio(stdio):
     assert session.finish() == 0
     assert len(session.replies()) == 2
     assert session.server.log.count("WARNING") == 2
+
+
+def test_systemd_hears_ready_watchdog_and_stopping(topics, start_server, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(0.5)
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")  # a ping each 0.2 s
+    server = start_server(topics.server_args(*BUILTIN), env=env)
+    said: List[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        while said.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            try:
+                said.extend(listener.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                continue
+            if "READY=1" in said and said.count("WATCHDOG=1") == 0:
+                # Ready means the Kafka partitions are owned, not that the process exists.
+                assert "kafka transport ready" in server.log, server.log
+        server.process.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in said and time.monotonic() < deadline:
+            try:
+                said.extend(listener.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                continue
+    finally:
+        listener.close()
+    assert server.process.wait(30) == 0
+    assert said[:2] == ["READY=1", "STATUS=serving on kafka"], said
+    assert said.count("WATCHDOG=1") >= 3 and said[-2:] == ["STOPPING=1", "STATUS=shutting down"]
+    assert said.index("STOPPING=1") > max(i for i, line in enumerate(said) if line == "WATCHDOG=1")
 
 
 # --- a misbehaving Codex child -----------------------------------------------------
