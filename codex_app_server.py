@@ -369,7 +369,9 @@ class Server:
                                  if hasattr(transport, "ready")):
                 ready = True
                 systemd.notify("READY=1", f"STATUS=serving on {names}")
-            if ready and all(thread.is_alive() for thread in threads):
+            # (The stdio loop ending is no fault: stdin closes, Kafka goes on.)
+            if ready and all(thread.is_alive() for thread in threads
+                             if thread.name != "stdio-transport"):
                 systemd.watchdog()
             time.sleep(0.2)
         systemd.notify("STOPPING=1", "STATUS=shutting down")
@@ -448,13 +450,16 @@ class SystemdNotifier:
         usec = environ.get("WATCHDOG_USEC", "")
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) else None
         self._next_watchdog = 0.0
+        self._failed = False  # said once at WARNING
 
     def notify(self, *lines: str) -> None:
         if self._socket is not None:
             try:
                 self._socket.sendto("\n".join(lines).encode(), self._address)
             except OSError as exc:
-                log.debug("cannot notify systemd at %s: %s", self._address, exc)
+                (log.debug if self._failed else log.warning)(
+                    "cannot notify systemd at %s: %s", self._address.lstrip("\0"), exc)
+                self._failed = True
 
     def watchdog(self) -> None:
         """WATCHDOG=1, when due: the caller checks first that its loops are alive."""
@@ -541,13 +546,14 @@ class Processor:
         kind = rpc.kind(message)
         if self._policy is not None and "method" in message \
                 and not self._policy.allows(message["method"]):
+            method = message["method"][:200]
             self._refused_log.warning(log, "refused a %s of method %r (id %r): not allowed by "
-                                      "--allow-method/--deny-method", kind, message["method"],
+                                      "--allow-method/--deny-method", kind, method,
                                       message.get("id"))
             if kind == rpc.REQUEST:
                 self._call(transport.send, rpc.error_response(
                     message["id"], rpc.METHOD_NOT_FOUND,
-                    f"method not allowed by this server: {message['method']}"), done, route)
+                    f"method not allowed by this server: {method}"), done, route)
             else:
                 self._call(done)
             return
@@ -605,7 +611,7 @@ class MethodPolicy:
             verdict = not any(fnmatch.fnmatchcase(method, pattern) for pattern in self.deny) \
                 and (not self.allow or any(fnmatch.fnmatchcase(method, pattern)
                                            for pattern in self.allow))
-            if len(self._verdicts) < 10000:  # clients choose method names: stay bounded
+            if len(self._verdicts) < 10000 and len(method) <= 256:  # clients choose names
                 self._verdicts[method] = verdict
         return verdict
 
@@ -652,7 +658,7 @@ class StdioTransport:
                 self._invalid_log.warning(log, "invalid payload from stdin: line %d: %s",
                                           line_number, exc.reason)
                 if exc.answers is not None:  # an answer to Codex: Codex hears it failed
-                    self._submit(self, rpc.error_response(exc.answers, exc.code, exc.reason))
+                    self._answer(self, rpc.error_response(exc.answers, exc.code, exc.reason))
                 else:
                     self.send(rpc.error_response(exc.id, exc.code, exc.reason))
                 continue
@@ -1123,7 +1129,8 @@ class CodexChild:
 
     def __init__(self, argv: Sequence[str], on_message: Callable[["CodexChild", Message], None],
                  on_exit: Callable[["CodexChild", int], None], line_limit: int = 64 * 1024 * 1024):
-        env = dict(os.environ)
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}  # ours alone
         env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
         self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, env=env,
@@ -1152,7 +1159,11 @@ class CodexChild:
         """A tiny process that stops the child's whole process group once this server is
         gone, however it went (kill -9 included): it waits for the end of a pipe only this
         server holds.  Portable (sh, cat, kill), unlike Linux's parent-death signal."""
-        read_end, write_end = os.pipe()
+        try:
+            read_end, write_end = os.pipe()
+        except OSError as exc:
+            log.warning("cannot watch codex app-server (pid %d): %s", self.pid, exc)
+            return None
         try:
             subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(self.pid)],
                              stdin=read_end, stdout=subprocess.DEVNULL,
@@ -1293,10 +1304,11 @@ class CodexChild:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The watcher (sh): wait until the server's pipe ends, then stop the group of $1: TERM, and
-# KILL two seconds later for whatever is still there (commands Codex started, say).
-# (POSIX "kill -s SIG -- -PGID": dash, for one, takes no "-TERM --".)
-_WATCHER = ('cat >/dev/null; kill -s TERM -- "-$1" 2>/dev/null || exit 0; sleep 2; '
-            'kill -s KILL -- "-$1" 2>/dev/null; exit 0')
+# KILL two seconds later for whatever is still there (a launcher's child, say).
+# POSIX "kill -s SIG -- -PGID" (dash takes no "-TERM --"); busybox wants it without "--".
+_WATCHER = ('cat >/dev/null; { kill -s TERM -- "-$1" || kill -s TERM "-$1"; } 2>/dev/null '
+            '|| exit 0; sleep 2; { kill -s KILL -- "-$1" || kill -s KILL "-$1"; } 2>/dev/null; '
+            'exit 0')
 
 
 def _is_number(value: Any) -> bool:

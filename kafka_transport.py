@@ -837,8 +837,7 @@ class KafkaTransport:
         self._paused = False
         self._last_commit = 0.0
         self._lock = threading.Lock()
-        # Per lane (topic, and session or named partition): failed sends and those
-        # behind them, in send order.
+        # Per lane (topic + session or named partition): failed sends, then those behind them.
         self._held: Dict[Any, List[_Send]] = {}
         self._seq = 0  # send order
         # reply topic -> (until when known, problem or "", its partitions)
@@ -1208,9 +1207,8 @@ class KafkaTransport:
                 exc.id = message["id"]  # a usable message with an unusable route
             self._reject(record, exc, done)
             if exc.answers is not None:  # an answer to Codex: Codex hears it failed
-                self._backlog.append((partition, error_response(exc.answers, exc.code,
-                                                                exc.reason), nothing,
-                                      _fallback_route(record.key, None)))
+                self._sink.answer(self, error_response(exc.answers, exc.code, exc.reason),
+                                  nothing, _fallback_route(record.key, None))
             return
         except Exception as exc:  # a poison pill must be passed, never retried forever
             log.exception("unexpected error reading kafka record: topic %s partition %d "
@@ -1496,5 +1494,7 @@ def _rebalance_listener(kafka: Any, transport: KafkaTransport) -> Any:
         def on_partitions_assigned(self, assigned: Any) -> None:
             log.info("kafka partitions assigned: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "none")
+            if not assigned:  # joined, with nothing to read: as ready as it will be
+                transport.ready.set()
 
     return RebalanceListener()

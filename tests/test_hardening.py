@@ -198,7 +198,8 @@ def test_systemd_hears_ready_watchdog_and_stopping(topics, start_server, tmp_pat
     listener.bind(path)
     listener.settimeout(0.5)
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")  # a ping each 0.2 s
-    server = start_server(topics.server_args(*BUILTIN), env=env)
+    # With --stdio and stdin at /dev/null, as under systemd: stdio ends, the watchdog goes on.
+    server = start_server(topics.server_args(*BUILTIN, "--stdio"), env=env)
     said: List[str] = []
     deadline = time.monotonic() + 30
     try:
@@ -219,7 +220,8 @@ def test_systemd_hears_ready_watchdog_and_stopping(topics, start_server, tmp_pat
     finally:
         listener.close()
     assert server.process.wait(30) == 0
-    assert said[:2] == ["READY=1", "STATUS=serving on kafka"], said
+    assert said[:2] == ["READY=1", "STATUS=serving on kafka and stdio"], said
+    assert "stdin closed: the stdio connection ends, Kafka goes on" in server.log
     assert said.count("WATCHDOG=1") >= 3 and said[-2:] == ["STOPPING=1", "STATUS=shutting down"]
     assert said.index("STOPPING=1") > max(i for i, line in enumerate(said) if line == "WATCHDOG=1")
 
