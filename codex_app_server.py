@@ -55,6 +55,7 @@ KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
     "kafka_reply_topic_pattern")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # Kafka's default record limit is 1 MiB
+CODEX_LINE_LIMIT = 64 * 1024 * 1024  # Codex's replies (a thread's history, a file) can be big
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -679,19 +680,16 @@ class StdioTransport:
         data = rpc.encode_reply(message)
         if data is not None:
             with self._write_lock:
-                if self._stdout_gone:
-                    pass
-                else:
-                    try:
+                try:
+                    if not self._stdout_gone:
                         _write_all(self._stdout_fd, data + b"\n")
-                    except OSError as exc:
-                        self._stdout_gone = True
-                        log.warning("cannot write to stdout (%s): ending the stdio connection",
-                                    exc.strerror or exc)
-                        # Elsewhere: the caller may be the processor, which closing must
-                        # not hold.
-                        threading.Thread(target=self._end, args=("stdout closed",),
-                                         daemon=True).start()
+                except OSError as exc:
+                    self._stdout_gone = True
+                    log.warning("cannot write to stdout (%s): ending the stdio connection",
+                                exc.strerror or exc)
+                    # Elsewhere: the caller may be the processor, which closing must not hold.
+                    threading.Thread(target=self._end, args=("stdout closed",),
+                                     daemon=True).start()
         done()
 
     def shutdown(self) -> None:
@@ -842,7 +840,7 @@ class CodexBackend(Backend):
     """
 
     def __init__(self, transport: Any, argv: Sequence[str], max_in_flight: int = 1000,
-                 line_limit: int = 64 * 1024 * 1024):
+                 line_limit: int = CODEX_LINE_LIMIT):
         super().__init__(transport)
         self._argv = list(argv)
         self._max_in_flight = max_in_flight
@@ -1128,7 +1126,7 @@ class CodexChild:
     BAD_LINE_LIMIT = 100
 
     def __init__(self, argv: Sequence[str], on_message: Callable[["CodexChild", Message], None],
-                 on_exit: Callable[["CodexChild", int], None], line_limit: int = 64 * 1024 * 1024):
+                 on_exit: Callable[["CodexChild", int], None], line_limit: int = CODEX_LINE_LIMIT):
         env = {name: value for name, value in os.environ.items()
                if name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}  # ours alone
         env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
@@ -1338,7 +1336,7 @@ def backend_factory_for(args: argparse.Namespace,
                      "'npm install -g @openai/codex', or point --codex-command (or "
                      "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
                      "--backend builtin for transport smoke tests.")
-    line_limit = max(args.max_message_bytes, 64 * 1024 * 1024)  # Codex's replies can be big
+    line_limit = max(args.max_message_bytes, CODEX_LINE_LIMIT)
     return lambda transport: CodexBackend(transport, argv, max_in_flight=args.queue_size,
                                           line_limit=line_limit)
 

@@ -305,9 +305,9 @@ def _safe_id(value: Any) -> Any:
 
 def _encodable(value: Any) -> bool:
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        encode(value)
         return True
-    except (ValueError, TypeError, RecursionError):
+    except InvalidMessage:
         return False
 
 
@@ -1194,7 +1194,7 @@ class KafkaTransport:
             if len(value) > self.max_input_bytes:
                 raise oversized(value[:1024], len(value), self.max_input_bytes)
             message = decode(value)
-            if kind(message) != REQUEST:  # only a request has a reply to route
+            if "method" not in message or "id" not in message:  # only a request is replied to
                 route = _fallback_route(record.key, None)
             else:
                 route = parse_route(record.key, record.headers, self.reply_topic_pattern)
