@@ -20,6 +20,7 @@ Sections: command line; server (``Server``, ``SystemdNotifier``, ``Processor``,
 import argparse
 import collections
 import fnmatch
+import inspect
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -125,11 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the stdio transport on alongside Kafka (default with no Kafka "
                              "flag)")
     parser.add_argument("--backend", choices=("codex", "builtin"), default="codex",
-                        help="what answers: a 'codex app-server' child per connection, or the "
+                        help="what answers: one 'codex app-server' with a connection per session, or the "
                              "built-in initialize/noop backend for smoke tests (default: codex)")
     parser.add_argument("--codex-command", metavar="COMMAND",
                         help="command line of the Codex child (default: $CODEX_APP_SERVER_COMMAND "
                              f"or '{DEFAULT_CODEX_COMMAND}')")
+    parser.add_argument("--max-sessions", metavar="N", type=_positive_int, default=1000,
+                        help="sessions (Kafka record keys, and stdio) holding a connection to "
+                             "Codex at once; the least recently used idle one is closed to make "
+                             "room, and with none idle a request gets -32001 (default: 1000)")
+    parser.add_argument("--session-idle-timeout", metavar="SECONDS", type=_seconds,
+                        default=600.0,
+                        help="close a session's connection to Codex after this long without "
+                             "traffic and with nothing in flight; its next message reopens it "
+                             "and replays its initialize (0: never; default: 600)")
     parser.add_argument("--builtin-delay", metavar="SECONDS", type=_seconds, default=0.0,
                         help="builtin backend: wait this long before each reply, to load-test "
                              "a transport against a slow backend (default: 0)")
@@ -827,83 +838,82 @@ class BuiltinBackend(Backend):
 
 
 class CodexBackend(Backend):
-    """Drives ``codex app-server`` children for one connection, one at a time.
+    """One transport's sessions, each with its own connection to the server's one Codex.
 
-    Every client of a connection shares the child, so request ids are rewritten
-    to ids unique in this server and restored on the reply; the first
-    ``initialize`` result is kept and answers later ones (and is replayed to a
-    restarted child).  Codex's own requests to the client (approvals) get ids
-    unique for the server's life too, so a late answer meant for a dead child's
-    request can never answer a successor's request that reused Codex's id.
-    When a child dies, its clients hear it: pending requests fail, its pending
-    requests to them are withdrawn, and its running turns end as failed.
+    A session is one client: the Kafka record key (None: the default session; stdio
+    is one session).  Its requests reach Codex under ids unique on its connection,
+    restored on the reply.  Its ``initialize`` and the threads it loaded are kept and
+    replayed on a new connection (after Codex restarted, or after the session was
+    closed for idleness), so the client carries on.  Codex's requests to a client
+    (approvals) go out under ids unique for the server's life, so a late answer never
+    reaches a successor's request.  What Codex sends a session unasked follows the
+    session's route: the reply topic and partition it last named.  A lost connection
+    is heard by its session: pending requests fail, Codex's open requests to it are
+    withdrawn, its running turns end as failed.
     """
 
-    def __init__(self, transport: Any, argv: Sequence[str], max_in_flight: int = 1000,
-                 line_limit: int = CODEX_LINE_LIMIT):
+    def __init__(self, transport: Any, codex: "CodexProcess", pool: "SessionPool",
+                 max_in_flight: int = 1000):
         super().__init__(transport)
-        self._argv = list(argv)
+        self._codex = codex
+        self._pool = pool
+        self._lock = pool.lock  # one lock for every session: the pool closes across backends
         self._max_in_flight = max_in_flight
-        self._line_limit = line_limit
-        self._lock = threading.Condition()
-        self._child: Optional[CodexChild] = None
-        self._next_id = 1
-        self._init_params: Optional[Any] = None
-        self._init_result: Optional[Any] = None
-        self._init_waiting: List[Pending] = []  # initialize requests waiting for the first one
-        self._asked: Dict[int, Tuple[CodexChild, Any]] = {}  # unanswered: our id -> Codex's
+        self._in_flight = 0
+        self._sessions: "collections.OrderedDict[Optional[bytes], Session]" = \
+            collections.OrderedDict()
+        self._asked: Dict[int, Tuple["Session", "CodexConnection", Any]] = {}  # ours -> Codex's
         self._stop_deadline = float("inf")
         self._closed = False
+        codex.users += 1
 
     def handle(self, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
-        if kind == rpc.REQUEST and message["method"] == "initialize" and self._answer_initialize(
-                message, done, route):
-            return
         if kind in (rpc.RESPONSE, rpc.ERROR):
             self._answer_codex(message)
             return
+        session = self._session(route)
+        if kind == rpc.REQUEST and message["method"] == "initialize" \
+                and self._answer_initialize(session, message, done, route):
+            return
         for attempt in (1, 2):
-            child = self._running_child(message, done, route)
-            if child is None:
+            connection = self._connection(session, message, done, route)
+            if connection is None:
                 return
             if kind != rpc.REQUEST:
-                child.write(rpc.encode(message))
+                if message["method"] == "initialized":
+                    session.initialized = True
+                connection.send(rpc.encode(message))
                 return
             with self._lock:
                 # Backpressure: a slow Codex holds the processor, so the queue fills and
                 # the transports stop reading, instead of requests piling up here.
-                while len(child.pending) >= self._max_in_flight and child.alive() \
-                        and not self._closed and time.monotonic() < self._stop_deadline:
+                while self._in_flight >= self._max_in_flight and not self._closed \
+                        and time.monotonic() < self._stop_deadline:
                     self._lock.wait(min(1.0, max(0.01, self._stop_deadline - time.monotonic())))
-                if len(child.pending) >= self._max_in_flight and child.alive():
-                    break  # shutting down with Codex still full: answer, do not wait on
-                our_id = self._new_id()
+                our_id = session.new_id()
             data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
             with self._lock:
-                child.pending[our_id] = (message, done, route)
-                if message["method"] == "initialize":
-                    self._init_params = message.get("params", {})
-            if child.write(data):
-                return
-            # Never delivered: the child is dying.  Unless its exit has answered the request
-            # already, take it back and try a fresh child once.
-            with self._lock:
-                if child.pending.pop(our_id, None) is None:
-                    return
-            child.wait(5.0)
-        with self._lock:
-            waiting = []
-            if message["method"] == "initialize" and self._init_result is None:
-                self._init_params = None  # the next initialize goes to Codex again
-                waiting, self._init_waiting = self._init_waiting, []
-        reason = "codex-app-server is shutting down" if self._closed or \
-            time.monotonic() >= self._stop_deadline else \
-            "codex app-server is not available: it exited before it could take the request"
-        for request, request_done, request_route in [(message, done, route)] + waiting:
-            self.transport.send(rpc.error_response(request["id"], rpc.INTERNAL_ERROR, reason),
-                                request_done, request_route)
+                if session.connection is connection:  # else lost meanwhile: open a new one
+                    session.pending[our_id] = (message, done, route)
+                    self._in_flight += 1
+                    if message["method"] == "initialize" and session.init_result is None:
+                        session.init_params = message.get("params")
+                    if connection.send(data):
+                        return
+                    # Not delivered: unless its loss has answered it already, take it back
+                    # and try a new connection once.
+                    if session.pending.pop(our_id, None) is None:
+                        return
+                    self._in_flight -= 1
+            # Its reader may be stuck relaying to a slow client: tell the loss from here.
+            self._connection_lost(connection, "it no longer takes messages")
+        reason = "codex-app-server is shutting down" if self._closed else \
+            "codex app-server is not available: the connection to it closed before it " \
+            "could take the request"
+        self.transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR, reason),
+                            done, route)
 
     def stopping(self, deadline: float) -> None:
         with self._lock:
@@ -913,391 +923,657 @@ class CodexBackend(Backend):
     def close(self, deadline: float) -> None:
         with self._lock:
             self._closed = True
-            child = self._child
-            while child and child.pending and time.monotonic() < deadline:
+            while self._in_flight and time.monotonic() < deadline:
                 self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
-            if child and child.pending:
+            if self._in_flight:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
-                            len(child.pending))
-        if child is not None:
-            child.stop(deadline)
-            child.exited.wait(5.0)  # so what it still owed is answered before we go on
+                            self._in_flight)
+            connections = [session.detach(self._pool) for session in self._sessions.values()]
+            self._codex.users -= 1
+            last = self._codex.users == 0
+        for connection in connections:
+            if connection is not None:
+                connection.close()
+        for connection in connections:  # so what it still owed is answered before we go on
+            if connection is not None:
+                connection.ended.wait(max(0.1, deadline - time.monotonic()))
+        if last:
+            self._codex.stop(deadline)
+
+    # Sessions --------------------------------------------------------------
+
+    def _session(self, route: rpc.Route) -> "Session":
+        with self._lock:
+            session = self._sessions.get(route.session)
+            if session is None:
+                session = self._sessions[route.session] = Session(self, route.session)
+                self._forget_closed_sessions()
+            else:
+                self._sessions.move_to_end(route.session)
+            session.follow(route)
+        return session
+
+    def _forget_closed_sessions(self) -> None:
+        # A closed session's state is small, but clients choose keys: keep the newest.
+        excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self._pool.max_sessions)
+        for key in list(itertools.islice(self._sessions, max(0, excess))):
+            if self._sessions[key].connection is None and self._sessions[key].idle():
+                del self._sessions[key]
+
+    def _connection(self, session: "Session", message: Message, done: rpc.Done,
+                    route: rpc.Route) -> Optional["CodexConnection"]:
+        """The session's open connection, opened (and its state replayed) when it has none;
+        None when it cannot have one (the client has been answered)."""
+        with self._lock:
+            connection = session.connection
+            if connection is not None and not connection.lost:
+                self._pool.touch(session)
+                return connection
+        if connection is not None:  # lost: its reader is telling the session, or stuck
+            connection.ended.wait(1.0)
+            self._connection_lost(connection, "closed")
+        failure = None
+        with self._lock:
+            if self._closed:
+                failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
+            else:
+                admitted, victim = self._pool.admit(session)
+                if not admitted:
+                    failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
+                               f"{self._pool.max_sessions} sessions (--max-sessions) is busy; "
+                               "retry later")
+        if failure is None:
+            if victim is not None:
+                victim.close("least recently used, to make room (--max-sessions)")
+            try:
+                websocket = self._codex.connect()
+            except CodexUnavailable as exc:
+                with self._lock:
+                    self._pool.release(session)
+                failure = (rpc.INTERNAL_ERROR, str(exc))
+        if failure is not None:
+            if rpc.kind(message) == rpc.REQUEST:
+                self.transport.send(rpc.error_response(message["id"], *failure), done, route)
+            else:
+                log.warning("session %s: dropping a %s notification: %s",
+                            _session_name(session.key), message["method"][:200], failure[1])
+            return None
+        connection = CodexConnection(websocket, _session_name(session.key), self._from_codex,
+                                     self._connection_lost, self._codex.max_size)
+        with self._lock:
+            session.connection = connection
+            connection.session = session
+            replay = session.replay()
+        for data in replay:  # its state first: Codex takes a connection's messages in order
+            connection.send(data)
+        log.debug("session %s: connected to codex (%d messages replayed)",
+                  _session_name(session.key), len(replay))
+        return connection
 
     # Requests and replies --------------------------------------------------
 
-    def _answer_codex(self, answer: Message) -> None:
-        """A client's answer to one of Codex's requests goes to the child that asked."""
+    def _answer_initialize(self, session: "Session", request: Message, done: rpc.Done,
+                           route: rpc.Route) -> bool:
+        """A repeated ``initialize`` (a redelivered record, say) with the same parameters is
+        answered with the saved result; False sends it on to Codex."""
         with self._lock:
-            asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
-        if asked is not None and asked[0].alive():
-            asked[0].write(rpc.encode(dict(answer, id=asked[1])))
-            return
-        log.warning("dropping a client answer to codex request %r, which no running codex "
-                    "app-server is waiting for (answered already, withdrawn, or its codex "
-                    "app-server exited)", answer["id"])
-
-    def _new_id(self) -> int:
-        our_id = self._next_id
-        self._next_id += 1
-        return our_id
-
-    def _answer_initialize(self, request: Message, done: rpc.Done, route: rpc.Route) -> bool:
-        """Answer a repeated ``initialize`` ourselves; False sends it on to Codex."""
-        with self._lock:
-            if self._init_result is not None:
-                result = self._init_result
-            elif self._init_params is not None:
-                self._init_waiting.append((request, done, route))
-                return True
-            else:
+            result = session.init_result
+            if result is None or request.get("params") != session.init_params:
                 return False
         self.transport.send({"id": request["id"], "result": result}, done, route)
         return True
 
-    def _from_child(self, child: "CodexChild", message: Message) -> None:
-        if "method" in message:
-            if "id" in message:  # Codex's own request to the client
-                message = self._ask_client(child, message)
-            else:
-                message = self._notified(child, message)
-            if message is not None:
-                self.transport.send(message)
-            return
+    def _answer_codex(self, answer: Message) -> None:
+        """A client's answer to one of Codex's requests goes to the connection that asked."""
         with self._lock:
-            pending = child.pending.pop(message["id"], None)
-            self._lock.notify_all()
-        if pending is None:
-            log.warning("codex answered id %r, which no client asked", message["id"])
+            asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
+            if asked is not None:  # Codex's serverRequest/resolved ends it in the session
+                session, connection, codex_id = asked
+                self._pool.touch(session)
+        if asked is not None and connection.send(rpc.encode(dict(answer, id=codex_id))):
             return
-        request, done, route = pending
-        waiting = self._initialized(message) if request["method"] == "initialize" else []
-        if request.get("id") is not None:  # None: our own replayed initialize
-            self.transport.send(dict(message, id=request["id"]), done, route)
-        for other, other_done, other_route in waiting:
-            self.transport.send(dict(message, id=other["id"]), other_done, other_route)
+        log.warning("dropping a client answer to codex request %r, which no connection to "
+                    "codex is waiting for (answered already, withdrawn, or its connection "
+                    "closed)", answer["id"])
 
-    def _ask_client(self, child: "CodexChild", request: Message) -> Message:
+    def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
+        session = connection.session
+        pending = None
+        with self._lock:
+            if session is None or session.connection is not connection:
+                return  # closed or replaced: the session has heard of it
+            self._pool.touch(session)
+            if "method" in message:
+                message = self._ask_client(session, connection, message) if "id" in message \
+                    else session.notified(message, self._asked)
+                route = session.route
+            else:
+                pending = session.pending.pop(message["id"], None)
+                if pending is not None:
+                    self._in_flight -= 1
+                    self._lock.notify_all()
+                    retry = session.answered(pending[0], message)
+                    if retry is not None:
+                        self._retry_later(session, connection, message["id"], pending, retry)
+                        return
+        if message is None:
+            return  # nothing the client should see
+        if "method" in message:
+            self.transport.send(message, rpc.nothing, route)
+        elif pending is None:
+            log.warning("session %s: codex answered id %r, which no client asked",
+                        _session_name(session.key), message.get("id"))
+        elif pending[0].get("id") is not None:  # None: a request of our own (a replay)
+            self.transport.send(dict(message, id=pending[0]["id"]), pending[1], pending[2])
+
+    def _retry_later(self, session: "Session", connection: "CodexConnection", our_id: int,
+                     pending: Pending, attempt: int) -> None:
+        """Codex said it is overloaded (-32001): ask again after a backoff, not the client."""
+        delay = min(2.0, 0.05 * 2 ** attempt)
+        log.debug("session %s: codex is overloaded; retrying request %r in %.2f s",
+                  _session_name(session.key), pending[0].get("id"), delay)
+        session.pending[our_id] = pending
+        self._in_flight += 1
+
+        def resend() -> None:
+            with self._lock:
+                still = session.connection is connection and our_id in session.pending
+            if still:
+                connection.send(rpc.encode(dict(pending[0], id=our_id)))
+        timer = threading.Timer(delay, resend)
+        timer.daemon = True
+        timer.start()
+
+    def _ask_client(self, session: "Session", connection: "CodexConnection",
+                    request: Message) -> Message:
         """Codex's request goes out under an id no other request of this server has had."""
         outward = next(_SERVER_REQUEST_IDS)
         params = request.get("params")
         thread_id = params.get("threadId") if isinstance(params, dict) else None
-        with self._lock:
-            self._asked[outward] = (child, request["id"])
-            child.asked[request["id"]] = (outward, thread_id)
+        self._asked[outward] = (session, connection, request["id"])
+        session.asked[request["id"]] = (outward, thread_id)
         return dict(request, id=outward)
 
-    def _notified(self, child: "CodexChild", notification: Message) -> Optional[Message]:
-        """Track what a child's death must end; rewrite the request ids notifications name."""
-        method, params = notification["method"], notification.get("params")
-        if not isinstance(params, dict):
-            return notification
-        if method == "turn/started" or method == "turn/completed":
-            turn = params.get("turn")
-            if isinstance(turn, dict) and isinstance(turn.get("id"), str):
-                with self._lock:
-                    if method == "turn/started":
-                        child.turns[turn["id"]] = (params.get("threadId"), turn)
-                    else:
-                        child.turns.pop(turn["id"], None)
-        elif method == "serverRequest/resolved":
-            with self._lock:
-                asked = child.asked.pop(params.get("requestId"), None)
-                if asked is None:  # never relayed: its id means nothing to the clients
-                    log.debug("dropping serverRequest/resolved for unknown codex request %r",
-                              params.get("requestId"))
-                    return None
-                self._asked.pop(asked[0], None)  # resolved: an answer now would be stale
-            return dict(notification, params=dict(params, requestId=asked[0]))
-        return notification
-
-    def _initialized(self, reply: Message) -> List[Pending]:
+    def _connection_lost(self, connection: "CodexConnection", why: str) -> None:
+        session = connection.session
         with self._lock:
-            waiting, self._init_waiting = self._init_waiting, []
-            if "result" in reply:
-                self._init_result = reply["result"]
-            elif self._init_result is None:
-                self._init_params = None  # failed: the next initialize goes to Codex again
-        return waiting
-
-    # Children ------------------------------------------------------------
-
-    def _running_child(self, message: Message, done: rpc.Done,
-                       route: rpc.Route) -> Optional["CodexChild"]:
-        with self._lock:
-            if self._child is not None and self._child.alive():
-                return self._child
-            closed = self._closed
-        if closed:  # shutting down: no new child that nothing would stop
-            if rpc.kind(message) == rpc.REQUEST:
-                self.transport.send(rpc.error_response(
-                    message["id"], rpc.INTERNAL_ERROR, "codex-app-server is shutting down"),
-                    done, route)
-            return None
-        try:
-            child = CodexChild(self._argv, self._from_child, self._child_exited,
-                               line_limit=self._line_limit)
-        except OSError as exc:
-            log.error("cannot start codex app-server (%s): %s", " ".join(self._argv), exc)
-            if rpc.kind(message) == rpc.REQUEST:
-                self.transport.send(rpc.error_response(
-                    message["id"], rpc.INTERNAL_ERROR, f"cannot start codex app-server: {exc}"),
-                    done, route)
-            return None
-        log.info("started codex app-server for %s (pid %d)", self.transport.name, child.pid)
-        with self._lock:
-            self._child = child
-            replay = self._init_params if self._init_result is not None else None
-            if replay is not None:
-                our_id = self._new_id()
-                child.pending[our_id] = ({"method": "initialize"}, rpc.nothing, rpc.DEFAULT_ROUTE)
-        if replay is not None:
-            # A restarted child must be initialized before it takes other requests.
-            child.write(rpc.encode({"id": our_id, "method": "initialize", "params": replay}))
-        return child
-
-    def _child_exited(self, child: "CodexChild", status: int) -> None:
-        with self._lock:
-            if self._child is child:
-                self._child = None
-            orphans, child.pending = list(child.pending.values()), {}
-            if any(request["method"] == "initialize" for request, _, _ in orphans):
-                orphans += self._init_waiting
-                self._init_waiting = []
-                if self._init_result is None:
-                    self._init_params = None
-            withdrawn, child.asked = list(child.asked.values()), {}
+            if session is None or session.connection is not connection:
+                return  # closed on purpose, and idle then: nothing to tell
+            session.connection = None
+            self._pool.release(session)
+            orphans, session.pending = list(session.pending.values()), {}
+            self._in_flight -= len(orphans)
+            withdrawn, session.asked = list(session.asked.values()), {}
             for outward, _ in withdrawn:
                 self._asked.pop(outward, None)
-            turns, child.turns = child.turns, {}
+            turns, session.turns = session.turns, {}
+            route = session.route
             self._lock.notify_all()
-        how = f"signal {-status}" if status < 0 else f"status {status}"
-        if child.stopped_because:
-            how = f"{how} (stopped by codex-app-server: {child.stopped_because})"
-        if orphans or turns:
-            log.error("codex app-server (pid %d) exited with %s; failing %d pending requests "
-                      "and %d running turns", child.pid, how, len(orphans), len(turns))
-        else:
-            log.info("codex app-server (pid %d) exited with %s", child.pid, how)
-        message = f"codex app-server exited with {how}"
+        exited = self._codex.exit_reason(wait=2.0)
+        message = f"codex app-server exited with {exited}" if exited else \
+            f"the connection to codex app-server closed ({why})"
+        (log.error if orphans or turns else log.info)(
+            "session %s: %s; failing %d pending requests and %d running turns",
+            _session_name(session.key), message, len(orphans), len(turns))
         # What Codex itself sends when a turn fails, so clients need no special case:
         # its open requests withdrawn first, then `error` and a failed `turn/completed`.
         for outward, thread_id in withdrawn:
             if isinstance(thread_id, str):  # the notification names a thread
                 self.transport.send({"method": "serverRequest/resolved", "params": {
-                    "threadId": thread_id, "requestId": outward}})
+                    "threadId": thread_id, "requestId": outward}}, rpc.nothing, route)
         now = time.time()
         for turn_id, (thread_id, turn) in turns.items():
             error = {"message": message, "codexErrorInfo": "other", "additionalDetails": None,
                      "misalignment": None}
             self.transport.send({"method": "error", "params": {
-                "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}})
+                "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}},
+                rpc.nothing, route)
             started = turn.get("startedAt")
             self.transport.send({"method": "turn/completed", "params": {
                 "threadId": thread_id, "turn": dict(
                     turn, items=[], itemsView="notLoaded", status="failed", error=error,
                     completedAt=int(now),
-                    durationMs=int((now - started) * 1000) if _is_number(started) else None)}})
-        for request, done, route in orphans:
+                    durationMs=int((now - started) * 1000) if _is_number(started) else None)}},
+                rpc.nothing, route)
+        for request, done, request_route in orphans:
             if request.get("id") is not None:
                 self.transport.send(rpc.error_response(
                     request["id"], rpc.INTERNAL_ERROR, f"{message} before answering"), done,
-                    route)
+                    request_route)
 
 
+SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
+SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
+SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
 # Ids of Codex's requests as the clients see them, never reused, also across restarts: they
 # start at the boot time in microseconds (a late answer from before a restart finds nothing),
 # and stay below 2**53 for clients that read numbers as doubles.
 _SERVER_REQUEST_IDS = itertools.count(int(time.time() * 1_000_000))
 
 
-class CodexChild:
-    """One ``codex app-server`` process and the requests it owes answers to.
+class Session:
+    """One client of Codex: its connection, what is open on it, and what a new connection
+    must be told (``initialize``, ``initialized``, the threads it loaded).  The backend's
+    lock guards it."""
 
-    Reader threads relay its stdout lines to ``on_message(child, message)`` and its
-    stderr to the log (rate-limited); ``on_exit(child, status)`` runs once stdout has
-    ended.  A child that writes ``BAD_LINE_LIMIT`` lines in a row that are not
-    JSON-RPC is stopped: it is not speaking the protocol, and its clients get an
-    error instead of waiting forever.  The child leads a process group of its own
-    (the npm ``codex`` is a launcher with the real binary as its child): stopping
-    it stops all of it, and a Ctrl-C at the terminal reaches only the server, which
-    stops it gracefully.
-    """
+    def __init__(self, backend: CodexBackend, key: Optional[bytes]):
+        self.backend = backend
+        self.key = key
+        self.route = rpc.Route(key)  # where what Codex sends unasked goes
+        self.connection: Optional[CodexConnection] = None
+        self.last_used = time.monotonic()
+        self.init_params: Optional[Any] = None
+        self.init_result: Optional[Any] = None
+        self.initialized = False  # the client sent the `initialized` notification
+        self.threads: Dict[str, None] = {}  # loaded threads, oldest first
+        self.pending: Dict[int, Pending] = {}  # our id -> the client's request
+        # Codex's ids of its unresolved requests to the client -> (the client's id, thread id)
+        self.asked: Dict[Any, Tuple[int, Any]] = {}
+        self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
+        self.retries: Dict[int, int] = {}  # our id -> times Codex said "overloaded"
+        self._next_id = 1
 
-    BAD_LINE_LIMIT = 100
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
-    def __init__(self, argv: Sequence[str], on_message: Callable[["CodexChild", Message], None],
-                 on_exit: Callable[["CodexChild", int], None], line_limit: int = CODEX_LINE_LIMIT):
+    def idle(self) -> bool:
+        return not (self.pending or self.asked or self.turns)
+
+    def follow(self, route: rpc.Route) -> None:
+        """A reply topic or partition the client names holds for what Codex sends unasked."""
+        if route.topic is not None:
+            self.route = rpc.Route(self.key, route.topic, route.partition)
+        elif route.partition is not None:
+            self.route = rpc.Route(self.key, self.route.topic, route.partition)
+
+    def replay(self) -> List[bytes]:
+        """What a new connection is told before the client's next message."""
+        if self.init_params is None or self.init_result is None:
+            if self.init_params is not None:  # its initialize was lost with the connection
+                self.init_params = None
+            return []
+        out = [self._own("initialize", self.init_params)]
+        if self.initialized:
+            out.append(rpc.encode({"method": "initialized"}))
+        out.extend(self._own("thread/resume", {"threadId": thread}) for thread in self.threads)
+        return out
+
+    def _own(self, method: str, params: Any) -> bytes:
+        our_id = self.new_id()
+        self.pending[our_id] = ({"method": method, "params": params}, rpc.nothing,
+                                rpc.DEFAULT_ROUTE)
+        self.backend._in_flight += 1
+        return rpc.encode({"id": our_id, "method": method, "params": params})
+
+    def answered(self, request: Message, reply: Message) -> Optional[int]:
+        """Learn from Codex's reply; a number: retry the request (Codex is overloaded)."""
+        error = reply.get("error")
+        if isinstance(error, dict) and error.get("code") == SERVER_OVERLOADED:
+            attempt = self.retries.get(reply["id"], 0) + 1
+            if attempt <= 8:
+                self.retries[reply["id"]] = attempt
+                return attempt
+        self.retries.pop(reply["id"], None)
+        method, result = request["method"], reply.get("result")
+        if method == "initialize":
+            if result is not None and request.get("id") is not None:
+                self.init_result = result
+            elif result is None and self.init_result is None:
+                self.init_params = None  # failed: the next initialize goes to Codex again
+        elif isinstance(result, dict) and method in ("thread/start", "thread/resume",
+                                                     "thread/fork"):
+            thread = result.get("thread")
+            if isinstance(thread, dict) and isinstance(thread.get("id"), str):
+                self.threads.pop(thread["id"], None)
+                self.threads[thread["id"]] = None
+                if len(self.threads) > SESSION_THREADS:
+                    del self.threads[next(iter(self.threads))]
+        elif result is None and method == "thread/resume" and request.get("id") is None:
+            params = request.get("params") or {}
+            self.threads.pop(params.get("threadId"), None)  # gone: resume it no more
+            log.warning("session %s: could not resume thread %s on a new connection: %s",
+                        _session_name(self.key), params.get("threadId"),
+                        str(reply.get("error"))[:300])
+        elif result is not None and method in ("thread/unsubscribe", "thread/archive"):
+            params = request.get("params")
+            if isinstance(params, dict):
+                self.threads.pop(params.get("threadId"), None)
+        return None
+
+    def notified(self, notification: Message, asked: Dict[int, Any]) -> Optional[Message]:
+        """Track what a lost connection must end; rewrite the request ids notifications name."""
+        method, params = notification["method"], notification.get("params")
+        if not isinstance(params, dict):
+            return notification
+        if method == "turn/started" or method == "turn/completed":
+            turn = params.get("turn")
+            if isinstance(turn, dict) and isinstance(turn.get("id"), str):
+                if method == "turn/started":
+                    self.turns[turn["id"]] = (params.get("threadId"), turn)
+                else:
+                    self.turns.pop(turn["id"], None)
+        elif method == "serverRequest/resolved":
+            request = self.asked.pop(params.get("requestId"), None)
+            if request is None:  # never relayed: its id means nothing to the client
+                return None
+            asked.pop(request[0], None)  # resolved: an answer now would be stale
+            return dict(notification, params=dict(params, requestId=request[0]))
+        return notification
+
+    def detach(self, pool: "SessionPool") -> Optional["CodexConnection"]:
+        """Take the connection away (under the lock); the caller closes it."""
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            pool.release(self)
+        return connection
+
+    def close(self, why: str) -> None:
+        with self.backend._lock:
+            connection = self.detach(self.backend._pool)
+        if connection is not None:
+            log.info("session %s: connection to codex closed: %s", _session_name(self.key), why)
+            connection.close()
+
+
+def _session_name(key: Optional[bytes]) -> str:
+    return "(default)" if key is None else repr(key[:64].decode("utf-8", "replace"))
+
+
+class SessionPool:
+    """Which sessions hold a connection to Codex: at most ``max_sessions``, the least
+    recently used idle one closed to make room; any idle longer than ``idle_timeout``
+    closed by a reaper thread (0: never)."""
+
+    def __init__(self, max_sessions: int = 1000, idle_timeout: float = 600.0):
+        self.lock = threading.Condition()
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self._open: "collections.OrderedDict[Session, None]" = collections.OrderedDict()
+        self._reaper: Optional[threading.Thread] = None
+
+    def admit(self, session: Session) -> Tuple[bool, Optional[Session]]:
+        """Under the lock: make room for ``session``; (False, None) when none is idle,
+        else (True, the session whose connection the caller must close, if any)."""
+        victim = None
+        if len(self._open) >= self.max_sessions:
+            victim = next((other for other in self._open if other.idle()), None)
+            if victim is None:
+                return False, None
+            self._open.pop(victim)
+        self._open[session] = None
+        session.last_used = time.monotonic()
+        if self._reaper is None and self.idle_timeout:
+            self._reaper = threading.Thread(target=self._reap, name="session-reaper",
+                                            daemon=True)
+            self._reaper.start()
+        return True, victim
+
+    def touch(self, session: Session) -> None:
+        session.last_used = time.monotonic()
+        if session in self._open:
+            self._open.move_to_end(session)
+
+    def release(self, session: Session) -> None:
+        self._open.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle_timeout / 4))
+            limit = time.monotonic() - self.idle_timeout
+            with self.lock:
+                stale = [session for session in itertools.takewhile(
+                    lambda s: s.last_used < limit, self._open) if session.idle()]
+            for session in stale:
+                session.close(f"idle for {self.idle_timeout:g} s (--session-idle-timeout)")
+
+
+class CodexUnavailable(Exception):
+    """Codex cannot take a connection; the message says why."""
+
+
+class CodexConnection:
+    """One session's WebSocket to Codex.  A reader thread relays each message Codex sends
+    to ``on_message(connection, message)``, and the connection's end, once, to
+    ``on_end(connection, why)``."""
+
+    def __init__(self, websocket: Any, name: str,
+                 on_message: Callable[["CodexConnection", Message], None],
+                 on_end: Callable[["CodexConnection", str], None], max_size: int):
+        self.session: Optional[Session] = None
+        self.lost = False  # its end is being told
+        self.ended = threading.Event()  # told
+        self._websocket = websocket
+        self._name = name
+        self._on_message = on_message
+        self._on_end = on_end
+        self._max_size = max_size
+        threading.Thread(target=self._read, daemon=True, name=f"codex-session-{name}").start()
+
+    def send(self, data: bytes) -> bool:
+        """One encoded message as one text frame; False when the connection is gone."""
+        try:
+            self._websocket.send(data, text=True)
+            return True
+        except Exception as exc:  # closed, or the socket failed: the reader tells the rest
+            log.debug("session %s: cannot send to codex: %r", self._name, exc)
+            return False
+
+    def close(self) -> None:
+        try:
+            self._websocket.close()
+        except Exception as exc:
+            log.debug("session %s: closing the connection to codex: %r", self._name, exc)
+
+    def _read(self) -> None:
+        throttle = rpc.LogThrottle()
+        why = "closed"
+        try:
+            while True:
+                data = self._websocket.recv(decode=False)
+                try:
+                    # Codex's own nesting limit is deeper than the one for clients.
+                    message = rpc.decode(data, max_depth=None)
+                except rpc.InvalidMessage as exc:
+                    throttle.warning(log, "session %s: skipping a message from codex that "
+                                     "cannot be relayed (%d bytes): %s", self._name, len(data),
+                                     exc.reason)
+                    self._unrelayable(data, exc.reason)
+                    continue
+                try:
+                    self._on_message(self, message)
+                except Exception:  # this thread must live on to tell the connection's end
+                    log.exception("internal error relaying a message from codex")
+        except Exception as exc:  # websockets' ConnectionClosed, or the socket failing
+            why = _closed_why(exc, self._max_size)
+        finally:
+            self.lost = True
+            try:
+                self._on_end(self, why)
+            finally:
+                self.ended.set()
+
+    def _unrelayable(self, data: bytes, reason: str) -> None:
+        """Whoever waits on a message that cannot be relayed hears so, instead of nothing."""
+        what, msg_id = rpc.peek(data, True)
+        text = f"could not be relayed: {reason}"
+        if what == rpc.RESPONSE and msg_id is not None:  # the client gets an error reply
+            self._on_message(self, rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
+                                                      f"codex app-server's reply {text}"))
+        elif what == rpc.REQUEST and msg_id is not None:  # Codex's request fails at once
+            self.send(rpc.encode(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
+                                                    f"the request {text}")))
+
+
+def _closed_why(exc: Exception, max_size: int) -> str:
+    code = getattr(getattr(exc, "rcvd", None), "code", None) or \
+        getattr(getattr(exc, "sent", None), "code", None)
+    if code == 1009:
+        return f"codex sent a message over {max_size} bytes"
+    return str(exc) or exc.__class__.__name__
+
+
+class CodexProcess:
+    """The server's one ``codex app-server --listen unix://SOCKET``, started at the first
+    connection and again after it exits, its socket in a directory only this user can
+    read.  A watcher process stops its process group once this server is gone, however
+    it went (kill -9 included).  Its stdout and stderr go to the log, rate-limited."""
+
+    START_TIMEOUT = 20.0  # to listen: the npm launcher on a cold cache takes a second or two
+    RETRY_AFTER = 10.0  # after a failed start, requests fail at once for this long
+
+    def __init__(self, argv: Sequence[str], max_size: int = CODEX_LINE_LIMIT):
+        self.argv = list(argv)
+        self.max_size = max_size
+        self.users = 0  # backends: the last one to close stops it
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        self._socket = ""
+        self._ended: Optional[threading.Thread] = None  # tidies up after the process
+        self._stopping = False
+        self._failure, self._failed_until = "", 0.0
+
+    def connect(self) -> Any:
+        """A new WebSocket connection to Codex (started when it is not running);
+        CodexUnavailable naming why there is none."""
+        from websockets.sync.client import unix_connect
+        direct = {"legacy": True} if "legacy" in inspect.signature(unix_connect).parameters \
+            else {}  # websockets 16 and later: connect outside a ``with`` block
+        with self._lock:
+            if self._stopping:
+                raise CodexUnavailable("codex-app-server is shutting down")
+            if time.monotonic() < self._failed_until:  # no start attempt per request
+                raise CodexUnavailable(self._failure)
+            if self._process is None or self._process.poll() is not None:
+                self._start()
+            process, path = self._process, self._socket
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while True:
+            try:
+                return unix_connect(path, max_size=self.max_size, ping_interval=None,
+                                    close_timeout=1, compression=None, **direct)
+            except Exception as exc:  # not listening yet (OSError), a refused handshake
+                if process.poll() is not None:
+                    failure = f"codex app-server exited with {_how(process.returncode)} " \
+                              "before it took a connection"
+                elif time.monotonic() >= deadline:
+                    self._signal(process, signal.SIGKILL)
+                    failure = f"codex app-server did not take a connection on its socket " \
+                              f"within {self.START_TIMEOUT:g} s ({exc}); stopped it"
+                else:
+                    time.sleep(0.02)
+                    continue
+                log.error("%s", failure)
+                self._failure, self._failed_until = failure, time.monotonic() + self.RETRY_AFTER
+                raise CodexUnavailable(failure) from None
+
+    def exit_reason(self, wait: float) -> Optional[str]:
+        """How the current process exited ("status 1", "signal 9"), waiting up to ``wait``
+        seconds for it to go; None while it runs."""
+        process = self._process
+        if process is None:
+            return None
+        try:
+            return _how(process.wait(wait))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, deadline: float) -> None:
+        """SIGTERM to its process group; SIGKILL when it has not gone by the deadline."""
+        with self._lock:
+            self._stopping = True
+            process, ended = self._process, self._ended
+        if process is not None and process.poll() is None:
+            self._signal(process, signal.SIGTERM)
+            try:
+                process.wait(max(0.5, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("codex app-server (pid %d) did not exit: killing it", process.pid)
+                self._signal(process, signal.SIGKILL)
+                process.wait()
+        if ended is not None:
+            ended.join(5.0)
+
+    def _start(self) -> None:
         env = {name: value for name, value in os.environ.items()
                if name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}  # ours alone
         env.setdefault("NO_COLOR", "1")  # Codex colours its stderr log even into a pipe
-        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env,
-                                         start_new_session=True)
-        self.pid = self._process.pid
-        self._watch = self._start_watcher()
-        self.pending: Dict[int, Pending] = {}  # our id -> the client's request
-        # Codex's ids of its unresolved requests to clients -> (the clients' id, thread id)
-        self.asked: Dict[Any, Tuple[int, Any]] = {}
-        self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
-        self.stopped_because: Optional[str] = None  # why the server stopped it, if it did
-        self._line_limit = line_limit
-        self._on_message = on_message
-        self._on_exit = on_exit
-        self._write_lock = threading.Lock()
-        self.exited = threading.Event()  # set once on_exit has run
-        threading.Thread(target=self._read_stdout, daemon=True,
-                         name=f"codex-{self.pid}-stdout").start()
-        threading.Thread(target=self._read_stderr, daemon=True,
-                         name=f"codex-{self.pid}-stderr").start()
+        directory = tempfile.mkdtemp(prefix="codex-app-server-")  # mode 0700
+        path = os.path.join(directory, "codex.sock")
+        try:
+            process = subprocess.Popen(self.argv + ["--listen", "unix://" + path],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
+        except OSError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            log.error("cannot start codex app-server (%s): %s", " ".join(self.argv), exc)
+            raise CodexUnavailable(f"cannot start codex app-server: {exc}") from None
+        log.info("started codex app-server (pid %d) listening in %s", process.pid, directory)
+        self._process, self._socket = process, path
+        watch = self._start_watcher(process.pid)
+        threading.Thread(target=self._log_output, args=(process, process.stderr), daemon=True,
+                         name=f"codex-{process.pid}-stderr").start()
+        self._ended = threading.Thread(target=self._tidy, args=(process, watch, directory),
+                                       daemon=True, name=f"codex-{process.pid}-stdout")
+        self._ended.start()
 
-    def alive(self) -> bool:
-        return self._process.poll() is None
-
-    def _start_watcher(self) -> Optional[int]:
-        """A tiny process that stops the child's whole process group once this server is
-        gone, however it went (kill -9 included): it waits for the end of a pipe only this
-        server holds.  Portable (sh, cat, kill), unlike Linux's parent-death signal."""
+    def _start_watcher(self, pid: int) -> Optional[int]:
+        """A tiny process that stops Codex's process group once this server is gone: it
+        waits for the end of a pipe only this server holds.  Portable (sh, cat, kill),
+        unlike Linux's parent-death signal."""
         try:
             read_end, write_end = os.pipe()
         except OSError as exc:
-            log.warning("cannot watch codex app-server (pid %d): %s", self.pid, exc)
+            log.warning("cannot watch codex app-server (pid %d): %s", pid, exc)
             return None
         try:
-            subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(self.pid)],
+            subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(pid)],
                              stdin=read_end, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
             return write_end
         except OSError as exc:
             log.warning("cannot start the watcher of codex app-server (pid %d): %s; it may "
-                        "outlive a server that is killed", self.pid, exc)
+                        "outlive a server that is killed", pid, exc)
             os.close(write_end)
             return None
         finally:
             os.close(read_end)
 
-    def _end_watch(self) -> None:
-        watch, self._watch = self._watch, None
+    def _tidy(self, process: subprocess.Popen, watch: Optional[int], directory: str) -> None:
+        """Relay its stdout; once it has exited, end its watcher and remove its directory."""
+        self._log_output(process, process.stdout)
+        status = process.wait()
         if watch is not None:
             os.close(watch)  # the watcher stops what is left of the group, then exits
+        shutil.rmtree(directory, ignore_errors=True)
+        (log.info if self._stopping else log.error)("codex app-server (pid %d) exited with %s",
+                                                    process.pid, _how(status))
 
-    def write(self, data: bytes) -> bool:
-        """One encoded message as a line to the child's stdin; False when it cannot take it
-        (it is gone)."""
-        try:
-            with self._write_lock:
-                _write_all(self._process.stdin.fileno(), data + b"\n")
-            return True
-        except (OSError, ValueError) as exc:  # ValueError: stdin already closed
-            log.warning("cannot write to codex app-server (pid %d): %s", self.pid, exc)
-            return False
-
-    def wait(self, timeout: float) -> None:
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def stop(self, deadline: float) -> None:
-        """Close stdin (Codex exits on EOF); terminate it when the deadline passes."""
-        self._close_stdin(deadline)
-        try:
-            self._process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("codex app-server (pid %d) did not exit: terminating it", self.pid)
-            self._signal(signal.SIGTERM)
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self._process.wait()
-
-    def _close_stdin(self, deadline: float) -> None:
-        # Under the write lock: a descriptor closed while another thread writes to it
-        # may be reused by then.  A writer blocked on a full pipe holds the lock: then
-        # the child is not reading, and stopping it ends that write.
-        if not self._write_lock.acquire(timeout=max(0.1, deadline - time.monotonic())):
-            self._signal(signal.SIGKILL)
-            self._write_lock.acquire()
-        try:
-            self._process.stdin.close()
-        except OSError:
-            pass
-        finally:
-            self._write_lock.release()
-
-    def _signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.pid, signum)  # the launcher and the binary it started
-        except OSError:
-            try:
-                self._process.send_signal(signum)
-            except OSError:
-                pass
-
-    def _read_stdout(self) -> None:
-        bad = 0  # in a row
-        throttle = rpc.LogThrottle()
-        for line, size, head in LineReader(self._process.stdout.fileno(), self._line_limit):
-            if self.stopped_because:
-                continue  # drain what it wrote until the pipe closes
-            if line is not None and not line.strip():
-                continue
-            try:
-                if line is None:
-                    raise rpc.oversized(head, size, self._line_limit,
-                                        "the limit for a line from codex app-server")
-                # Codex's own nesting limit is deeper than the one for clients.
-                message = rpc.decode(line.strip(), max_depth=None)
-            except Exception as exc:
-                reason = exc.reason if isinstance(exc, rpc.InvalidMessage) else repr(exc)
-                throttle.warning(log, "skipping a line from codex app-server (pid %d) that "
-                                 "cannot be relayed (%d bytes): %s", self.pid,
-                                 size or len(line), reason)
-                self._unrelayable(head if line is None else line, line is not None, reason)
-                bad += 1
-                if bad >= self.BAD_LINE_LIMIT:
-                    self._stop_now(f"it wrote {bad} lines in a row that are not JSON-RPC")
-                continue
-            bad = 0
-            self._deliver(message)
-        try:
-            status = self._process.wait()
-            self._end_watch()
-            self._on_exit(self, status)
-        finally:
-            self.exited.set()
-
-    def _deliver(self, message: Message) -> None:
-        try:
-            self._on_message(self, message)
-        except Exception:  # this thread must live on to report the child's exit
-            log.exception("internal error relaying a message from codex app-server")
-
-    def _unrelayable(self, data: bytes, complete: bool, reason: str) -> None:
-        """Whoever waits on a line that cannot be relayed hears so, instead of nothing."""
-        what, msg_id = rpc.peek(data, complete)
-        if msg_id is None:
-            return
-        text = f"could not be relayed: {reason}"
-        if what == rpc.RESPONSE:  # the client's request gets an error as its reply
-            self._deliver(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
-                                             f"codex app-server's reply {text}"))
-        elif what == rpc.REQUEST:  # Codex's request to the client fails at once
-            self.write(rpc.encode(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
-                                                     f"the request {text}")))
-
-    def _stop_now(self, why: str) -> None:
-        self.stopped_because = why
-        log.error("stopping codex app-server (pid %d): %s", self.pid, why)
-        self._signal(signal.SIGKILL)
-
-    def _read_stderr(self) -> None:
+    @staticmethod
+    def _log_output(process: subprocess.Popen, stream: Any) -> None:
         throttle = rpc.LogThrottle(burst=200)
-        for line, size, _ in LineReader(self._process.stderr.fileno(), 64 * 1024):
+        for line, size, _ in LineReader(stream.fileno(), 64 * 1024):
             text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip() if line is not None \
                 else f"(a line of {size} bytes)"
             if text:
-                throttle.warning(log, "codex[%d]: %s", self.pid, text)
+                throttle.warning(log, "codex[%d]: %s", process.pid, text)
+
+    @staticmethod
+    def _signal(process: subprocess.Popen, signum: int) -> None:
+        try:
+            os.killpg(process.pid, signum)  # the launcher and the binary it started
+        except OSError:
+            try:
+                process.send_signal(signum)
+            except OSError:
+                pass
+
+
+def _how(status: int) -> str:
+    return f"signal {-status}" if status < 0 else f"status {status}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -1336,10 +1612,10 @@ def backend_factory_for(args: argparse.Namespace,
                      "'npm install -g @openai/codex', or point --codex-command (or "
                      "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
                      "--backend builtin for transport smoke tests.")
-    line_limit = max(args.max_message_bytes, CODEX_LINE_LIMIT)
-    return lambda transport: CodexBackend(transport, argv, max_in_flight=args.queue_size,
-                                          line_limit=line_limit)
-
+    # One Codex and one pool of sessions for every transport (stdio is a session too).
+    codex = CodexProcess(argv, max_size=max(args.max_message_bytes, CODEX_LINE_LIMIT))
+    pool = SessionPool(args.max_sessions, args.session_idle_timeout)
+    return lambda transport: CodexBackend(transport, codex, pool, max_in_flight=args.queue_size)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -198,29 +198,39 @@ Reply = Tuple[Optional[str], Any]  # (key, decoded value)
 
 
 class KafkaClient:
-    """Produces to the input topic; reads the output topic from its start."""
+    """Produces to the input topic as one session (the record key; None: the default
+    session); reads that session's records of the output topic from its start."""
 
-    def __init__(self, topics: Topics):
+    def __init__(self, topics: Topics, session: Optional[bytes] = None, partition: int = 0,
+                 topic: Optional[str] = None, every_session: bool = False):
+        self.session = session
+        self.every_session = every_session  # read the records of every session
         from kafka import KafkaConsumer, KafkaProducer, TopicPartition
         self.topics = topics
         settings = dict(topics.client_settings, bootstrap_servers=topics.bootstrap)
         self.producer = KafkaProducer(acks="all", **settings)
         self.consumer = KafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=10, **settings)
-        self.consumer.assign([TopicPartition(topics.output, 0)])
+        self.consumer.assign([TopicPartition(topic or topics.output, partition)])
         self.consumer.seek_to_beginning()
         self.seen: List[Reply] = []
+        self.headers: List[List[Tuple[str, bytes]]] = []  # of each record in seen
 
     def send(self, message: Any, key: Optional[bytes] = None) -> None:
         value = message if isinstance(message, (bytes, type(None))) else \
             json.dumps(message).encode()
-        self.producer.send(self.topics.input, value=value, key=key).get(timeout=10)
+        self.producer.send(self.topics.input, value=value, key=key or self.session
+                           ).get(timeout=10)
 
     def poll(self) -> List[Reply]:
         new = []
         for records in self.consumer.poll(timeout_ms=50).values():
             for record in records:
+                if dict(record.headers or []).get("codex-session") != self.session \
+                        and not self.every_session:
+                    continue  # another session's
                 key = record.key.decode() if record.key is not None else None
                 new.append((key, json.loads(record.value)))
+                self.headers.append(list(record.headers or []))
         self.seen.extend(new)
         return new
 

@@ -148,8 +148,8 @@ def codex_server(start_server, codex_bin, codex_env) -> Iterator[Callable[..., S
 def logged_codex_pids(server: ServerProcess) -> List[int]:
     pids = []
     for line in server.log.splitlines():
-        if "started codex app-server for" in line and "(pid " in line:
-            pids.append(int(line.rsplit("(pid ", 1)[1].rstrip(")")))
+        if "started codex app-server (pid " in line:
+            pids.append(int(line.split("(pid ", 1)[1].split(")")[0]))
     return pids
 
 
@@ -272,22 +272,24 @@ def kafka_messages(client: KafkaClient) -> List[Dict[str, Any]]:
 
 # --- Kafka ---------------------------------------------------------------------
 
-def test_initialize_answers_every_client(codex_server, topics, client, codex_home):
+def test_each_session_has_its_own_initialize(codex_server, topics, client, codex_home):
     server = codex_server(topics)
     result = initialize(client, 101)
     assert result["platformOs"] == "linux", result
     assert result["platformFamily"] == "unix", result
-    assert result["codexHome"] == str(codex_home), result  # the child got our environment
+    assert result["codexHome"] == str(codex_home), result  # Codex got our environment
+    # The same initialize again (a redelivered record, say): the saved result.
+    assert initialize(client, 102) == result
 
-    second = KafkaClient(topics)
+    second = KafkaClient(topics, session=b"second")
     try:
-        second.send({"id": "second-init", "method": "initialize",
-                     "params": {"clientInfo": {"name": "other", "version": "9.9"}}})
-        key, reply = second.reply("second-init", WAIT)
-        assert key == "second-init", reply
-        assert "error" not in reply, reply  # not Codex's "Already initialized"
-        assert reply["result"] == result
+        result = request(second, "second-init", "initialize",
+                         {"clientInfo": {"name": "other", "version": "9.9"}})
+        # Its own clientInfo (Codex takes the prefix from its first client, as upstream does).
+        assert result["userAgent"].endswith("(other; 9.9)"), result
         assert_keyed_by_id(second)
+        assert all(("codex-session", b"second") in headers for headers in second.headers), \
+            second.headers
     finally:
         second.close()
     assert server.log.count("started codex app-server") == 1, server.log
@@ -408,28 +410,61 @@ def test_an_approval_answer_does_not_wait_behind_a_full_queue(codex_server, topi
         assert client.reply(msg_id, timeout=40)[1]["result"]["exitCode"] == 0
 
 
-def test_two_clients_same_request_id(codex_server, topics, client):
+BROADCAST = ("thread/started", "thread/status/changed")
+
+
+def test_two_sessions_same_request_ids(codex_server, topics, client, mock_model):
+    """Each session gets only its own replies, its own initialize, its own turn and its own
+    approval requests, although both use the same request ids."""
     codex_server(topics)
-    initialize(client, 100)
-    other = KafkaClient(topics)
+    other = KafkaClient(topics, session=b"other")
     try:
-        client.send({"id": 1, "method": "command/exec", "params": {"command": ["echo", "a"]}})
-        other.send({"id": 1, "method": "command/exec", "params": {"command": ["echo", "b"]}})
+        for session, name in ((client, "pytest"), (other, "other")):
+            session.send({"id": 1, "method": "initialize",
+                          "params": {"clientInfo": {"name": name, "version": "1"}}})
+        for session, name in ((client, "pytest"), (other, "other")):
+            reply = session.reply(1, WAIT)[1]
+            assert reply["result"]["userAgent"].endswith(f"({name}; 1)"), reply
+        client.send({"id": 2, "method": "command/exec", "params": {"command": ["echo", "a"]}})
+        other.send({"id": 2, "method": "command/exec", "params": {"command": ["echo", "b"]}})
+        assert client.reply(2, WAIT)[1]["result"]["stdout"] == "a\n"
+        assert other.reply(2, WAIT)[1]["result"]["stdout"] == "b\n"
 
-        def replies_to_1():
-            client.poll()
-            found = [(k, v) for k, v in client.seen if "method" not in v and v.get("id") == 1]
-            return found if len(found) >= 2 else None
-
-        replies = wait_until(replies_to_1, WAIT, f"two replies with id 1 in {client.seen}")
-        client.quiet(0.5)
-        replies = [(k, v) for k, v in client.seen if "method" not in v and v.get("id") == 1]
-        assert [key for key, _ in replies] == ["1", "1"], replies
-        assert all("error" not in value for _, value in replies), replies
-        assert sorted(value["result"]["stdout"] for _, value in replies) == ["a\n", "b\n"]
-        # The other client sees the same output topic.
-        _, other_reply = other.reply(1, WAIT)
-        assert other_reply["result"]["stdout"] in ("a\n", "b\n"), other_reply
+        # A turn in each session, the first one asking for an approval.
+        mock_model.add_exec_command("echo approved")
+        mock_model.add_text("Ran it.", n_deltas=2)
+        mock_model.add_text("Hello other.", n_deltas=3)
+        threads = {}
+        for session, policy in ((client, "untrusted"), (other, "never")):
+            threads[session] = request(session, 3, "thread/start", {
+                "approvalPolicy": policy})["thread"]["id"]
+        # One after the other: the mock model answers in order.
+        request(client, 4, "turn/start", {"threadId": threads[client],
+                                          "input": text_input("run echo approved")})
+        _, ask = client.wait_for(lambda k, v: v.get("method") ==
+                                 "item/commandExecution/requestApproval", WAIT)
+        client.send({"id": ask["id"], "result": {"decision": "accept"}})
+        done = notification(client, "turn/completed", threadId=threads[client])
+        assert done["turn"]["status"] == "completed", done
+        request(other, 4, "turn/start", {"threadId": threads[other],
+                                         "input": text_input("say hello")})
+        done = notification(other, "turn/completed", threadId=threads[other])
+        assert done["turn"]["status"] == "completed", done
+        other.quiet(0.5)
+        for session, stranger in ((client, other), (other, client)):
+            seen = kafka_messages(session)
+            assert [m for m in seen if m.get("id") in (1, 2, 3, 4)
+                    and "method" not in m and "error" in m] == [], seen
+            # Upstream tells every connection of a thread's start and status, nothing more.
+            assert not any(isinstance(m.get("params"), dict) and m["params"].get("threadId")
+                           == threads[stranger] and m.get("method") not in BROADCAST
+                           for m in seen), seen
+        assert not any(m.get("method") == "item/commandExecution/requestApproval"
+                       for m in kafka_messages(other))
+        deltas = "".join(m["params"]["delta"] for m in kafka_messages(other)
+                         if m.get("method") == "item/agentMessage/delta")
+        assert deltas == "Hello other.", deltas
+        assert_keyed_by_id(other)
     finally:
         other.close()
     assert_keyed_by_id(client)

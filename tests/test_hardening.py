@@ -228,40 +228,29 @@ def test_systemd_hears_ready_watchdog_and_stopping(topics, start_server, tmp_pat
 
 # --- a misbehaving Codex child -----------------------------------------------------
 
-def test_child_flooding_stdout_is_stopped_and_requests_fail(stdio):
-    session = stdio("--codex-command", "yes not-json-rpc", "--shutdown-timeout", "5")
+def test_a_child_that_floods_and_never_listens_fails_requests_quietly(stdio):
+    """Not Codex: it floods stdout and stderr and never opens its socket.  Its output is
+    rate-limited in the log, the request gets an error after the start timeout, the next
+    one at once, and the server goes on."""
+    session = stdio("--codex-command", "sh -c 'yes not-json-rpc & exec yes codex-noise >&2'",
+                    "--shutdown-timeout", "5")
     session.write(b'{"id":1,"method":"initialize","params":{"clientInfo":{"name":"t"}}}\n')
-    first = session.reply(1)
+    first = session.reply(1, timeout=40)
     session.write(b'{"id":2,"method":"noop"}\n')
-    second = session.reply(2)
+    second = session.reply(2, timeout=2)
     for reply in (first, second):
         assert reply["error"]["code"] == rpc.INTERNAL_ERROR, reply
+        assert "did not take a connection on its socket within 20 s" in \
+            reply["error"]["message"], reply
     log = session.server.log
-    assert "it wrote 100 lines in a row that are not JSON-RPC" in log, log[-3000:]
-    assert "stopped by codex-app-server" in first["error"]["message"] + log
-    # One warning per line, at most, and only up to each child's limit: no log flood.
-    assert log.count("cannot be relayed") <= 100 * log.count("started codex app-server")
-    assert len(log) < 100_000
+    assert len(log) < 100_000, len(log)
+    assert "more like it not logged" in log, log[-2000:]
     assert session.finish() == 0
     assert_no_crash_in(session.server.log)
 
 
-def test_child_flooding_stderr_is_rate_limited(stdio):
-    session = stdio("--codex-command", "sh -c 'exec yes codex-noise >&2'",
-                    "--shutdown-timeout", "1")
-    session.write(b'{"id":1,"method":"noop"}\n')
-    time.sleep(3)
-    size = len(session.server.log)
-    assert size < 100_000, size
-    assert session.server.process.poll() is None
-    session.server.process.send_signal(signal.SIGTERM)
-    assert session.server.process.wait(20) == 0
-    # The request the child never answered is answered at shutdown, not left waiting.
-    assert session.reply(1, timeout=5)["error"]["code"] == rpc.INTERNAL_ERROR
-
-
 def test_a_child_that_ignores_stdin_does_not_outlive_a_killed_server(stdio):
-    # Codex ends when its stdin does; this child does not, so only the watcher stops it.
+    # This child never listens and ignores SIGTERM's absence: only the watcher stops it.
     session = stdio("--codex-command", "sh -c 'exec sleep 297'")
     session.write(b'{"id":1,"method":"noop"}\n')
     session.server.wait_for_log("started codex app-server")

@@ -152,14 +152,14 @@ def test_ready_means_no_request_is_skipped_under_latest(topics, client, start_se
 
 
 def test_second_signal_exits_at_once_non_zero(tmp_path, start_server):
-    # A backend child that never answers keeps the first shutdown waiting for its reply.
-    server = start_server(["--codex-command", "sleep 60", "--shutdown-timeout", "60"],
-                          stdin=subprocess.PIPE)
+    # A backend that takes a minute keeps the first shutdown waiting for its reply.
+    server = start_server(["--backend", "builtin", "--builtin-delay", "60",
+                           "--shutdown-timeout", "60"], stdin=subprocess.PIPE)
     server.process.stdin.write(b'{"id":1,"method":"noop"}\n')
     server.process.stdin.flush()
-    server.wait_for_log("started codex app-server")
+    time.sleep(0.5)
     server.process.send_signal(signal.SIGTERM)
-    server.wait_for_log("waiting for in-flight replies")
+    server.wait_for_log("finishing queued messages")
     time.sleep(0.3)
     assert server.process.poll() is None, "the first signal must wait for the reply"
     started = time.monotonic()

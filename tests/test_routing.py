@@ -120,7 +120,7 @@ def test_refused_and_unusable_routes_get_errors_on_the_output_topic(broker, star
     local_broker.create_topics(broker.bootstrap, [allowed])
     server = start_server(topics.server_args(
         *BUILTIN, "--kafka-reply-topic-pattern", r".*\.replies")).wait_ready()
-    client = KafkaClient(topics)
+    client = KafkaClient(topics, every_session=True)
     cases = [  # (id, key, headers, text in the error)
         ("pattern", b"s", [("kafka_replyTopic", b"elsewhere")], "--kafka-reply-topic-pattern"),
         ("bad-partition", b"s", [("REPLY_PARTITION", b"\x00\x01")], "4-byte"),

@@ -1,0 +1,159 @@
+"""Issue 10, the Codex half: a session per record key, each with its own connection to
+the server's one ``codex app-server --listen``; its records in one partition, in order,
+following the reply topic it names; limits on open sessions; a restarted Codex or a
+closed connection replays the session's state.  Real broker, real Codex, mock model."""
+
+import os
+import signal
+import time
+
+from conftest import KafkaClient, Topics, local_broker
+from test_codex import (  # noqa: F401 (fixtures)
+    CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize,
+    logged_codex_pids, mock_model, notification, request, text_input)
+from test_routing import partition_of
+
+
+def test_a_turn_streams_in_order_into_its_partition_across_a_broker_pause(
+        codex_server, mock_model):
+    broker = local_broker.start_broker(0)
+    try:
+        topics = Topics(broker.bootstrap, create=False)
+        local_broker.create_topics(broker.bootstrap, [topics.input])
+        local_broker.create_topics(broker.bootstrap, [topics.output], partitions=3)
+        codex_server(topics)
+        words = [f"w{n} " for n in range(40)]
+        mock_model.add_text("".join(words), n_deltas=len(words), delta_delay_s=0.1)
+        session = b"alice"
+        client = KafkaClient(topics, session, partition=partition_of(session, 3))
+        try:
+            initialize(client, 1)
+            thread = request(client, 2, "thread/start", {})["thread"]["id"]
+            request(client, 3, "turn/start", {"threadId": thread,
+                                              "input": text_input("stream")})
+            client.wait_for(lambda k, v: v.get("method") == "item/agentMessage/delta", WAIT)
+            os.kill(broker.process.pid, signal.SIGSTOP)  # mid-turn, for 3 s
+            try:
+                time.sleep(3)
+            finally:
+                os.kill(broker.process.pid, signal.SIGCONT)
+            done = notification(client, "turn/completed", timeout=60, threadId=thread)
+            assert done["turn"]["status"] == "completed", done
+            deltas = [v["params"]["delta"] for _, v in client.seen
+                      if v.get("method") == "item/agentMessage/delta"]
+            assert "".join(deltas) == "".join(words) and len(deltas) == len(words), deltas
+            # Nothing of the session anywhere else.
+            for other in {0, 1, 2} - {partition_of(session, 3)}:
+                stray = KafkaClient(topics, session, partition=other)
+                assert stray.quiet(1.0) == [], other
+                stray.close()
+        finally:
+            client.close()
+    finally:
+        local_broker.stop_broker(broker)
+
+
+def test_notifications_follow_the_reply_topic_the_session_names(codex_server, broker):
+    topics = Topics(broker.bootstrap)
+    replies = topics.output + ".replies"
+    local_broker.create_topics(broker.bootstrap, [replies])
+    codex_server(topics)
+    session = b"bob"
+    client = KafkaClient(topics, session, topic=replies)
+    on_output = KafkaClient(topics, session)
+    try:
+        client.producer.send(topics.input, key=session, headers=[("reply_to", replies.encode())],
+                             value=b'{"id":1,"method":"initialize","params":{"clientInfo":'
+                                   b'{"name":"pytest","version":"1"}}}').get(10)
+        assert "result" in client.reply(1, WAIT)[1]
+        # A later request that names no reply topic is answered on the output topic (the
+        # headers hold per request), but what Codex sends unasked still goes to the reply topic.
+        on_output.send({"id": 2, "method": "thread/start", "params": {}})
+        thread = on_output.reply(2, WAIT)[1]["result"]["thread"]["id"]
+        started = notification(client, "thread/started")
+        assert started["thread"]["id"] == thread, started
+        assert [v for _, v in on_output.seen if "method" in v] == [], on_output.seen
+    finally:
+        client.close()
+        on_output.close()
+
+
+def test_idle_sessions_close_and_reopen_with_their_state(codex_server, topics, client,
+                                                        mock_model):
+    server = codex_server(topics, "--session-idle-timeout", "1")
+    initialize(client, 1)
+    thread = request(client, 2, "thread/start", {})["thread"]["id"]
+    mock_model.add_text("first", n_deltas=1)
+    request(client, 3, "turn/start", {"threadId": thread, "input": text_input("one")})
+    notification(client, "turn/completed", threadId=thread)
+    server.wait_for_log("idle for 1 s (--session-idle-timeout)", timeout=WAIT)
+    # No new initialize: the server replays it, and resumes the thread.
+    mock_model.add_text("second", n_deltas=1)
+    assert request(client, 4, "command/exec", {"command": ["echo", "back"]})["stdout"] == \
+        "back\n"
+    request(client, 5, "turn/start", {"threadId": thread, "input": text_input("two")})
+    done = client.wait_for(lambda k, v: v.get("method") == "turn/completed" and
+                           v["params"]["turn"]["items"] and
+                           v["params"]["turn"]["items"][-1].get("text") == "second", WAIT)
+    assert done[1]["params"]["turn"]["status"] == "completed", done
+    assert "could not resume" not in server.log, server.log
+
+
+def test_max_sessions_closes_the_least_recently_used_then_refuses(codex_server, topics):
+    server = codex_server(topics, "--max-sessions", "2")
+    a, b, c = (KafkaClient(topics, name) for name in (b"a", b"b", b"c"))
+    try:
+        for n, session in enumerate((a, b, c)):
+            initialize(session, n)  # c's makes room by closing a, the least recently used
+        server.wait_for_log("session 'a': connection to codex closed: least recently used")
+        sleep = {"command": ["sleep", "4"], "timeoutMs": 20000}
+        b.send({"id": 10, "method": "command/exec", "params": sleep})
+        c.send({"id": 10, "method": "command/exec", "params": sleep})
+        time.sleep(1.0)
+        # b and c are busy: a cannot reopen.
+        a.send({"id": 11, "method": "command/exec", "params": {"command": ["true"]}})
+        refused = a.reply(11, WAIT)[1]
+        assert refused["error"]["code"] == -32001, refused
+        assert "--max-sessions" in refused["error"]["message"], refused
+        for session in (b, c):
+            assert session.reply(10, WAIT)[1]["result"]["exitCode"] == 0
+        # Once they are idle again, a reopens, initialize replayed.
+        assert request(a, 12, "command/exec", {"command": ["echo", "a"]})["stdout"] == "a\n"
+    finally:
+        for session in (a, b, c):
+            session.close()
+
+
+def test_codex_killed_mid_turn_then_the_sessions_carry_on(codex_server, topics, client,
+                                                           mock_model):
+    """Pending requests fail naming the exit; each session re-initializes itself and
+    resumes its threads on the new Codex, so a new turn on the old thread works."""
+    server = codex_server(topics)
+    other = KafkaClient(topics, b"other")
+    try:
+        initialize(client, 1)
+        initialize(other, 1)
+        thread = request(client, 2, "thread/start", {})["thread"]["id"]
+        mock_model.add_text("before", n_deltas=1)
+        request(client, 3, "turn/start", {"threadId": thread, "input": text_input("one")})
+        notification(client, "turn/completed", threadId=thread)
+        other.send({"id": 2, "method": "command/exec",
+                    "params": {"command": ["sleep", "30"], "timeoutMs": 60000}})
+        time.sleep(1.0)
+        os.kill(logged_codex_pids(server)[-1], signal.SIGKILL)
+        failed = other.reply(2, WAIT)[1]
+        assert failed["error"]["code"] == -32603, failed
+        assert "signal 9" in failed["error"]["message"], failed
+
+        mock_model.add_text("after", n_deltas=1)
+        request(client, 4, "turn/start", {"threadId": thread, "input": text_input("two")})
+        done = client.wait_for(lambda k, v: v.get("method") == "turn/completed" and
+                               v["params"]["turn"]["id"] != "" and v["params"]["turn"]
+                               ["items"] and v["params"]["turn"]["items"][-1].get("text")
+                               == "after", WAIT)
+        assert done[1]["params"]["turn"]["status"] == "completed", done
+        assert request(other, 3, "command/exec", {"command": ["echo", "ok"]})["stdout"] == \
+            "ok\n"
+        assert len(logged_codex_pids(server)) == 2, server.log
+    finally:
+        other.close()
