@@ -874,9 +874,17 @@ class CodexBackend(Backend):
             self._answer_codex(message)
             return
         session = self._session(route)
-        if kind == rpc.REQUEST and message["method"] == "initialize" \
-                and self._answer_initialize(session, message, done, route):
-            return
+        if kind == rpc.REQUEST and message["method"] == "initialize":
+            # The same initialize again (a redelivered record) gets the saved result; one
+            # with other parameters goes to Codex ("Already initialized").
+            with self._lock:
+                result = session.init_result if message.get("params") == session.init_params \
+                    else None
+                if result is None and session.connection is None:
+                    session.init_params = session.init_result = None  # anew: nothing to replay
+            if result is not None:
+                self.transport.send({"id": message["id"], "result": result}, done, route)
+                return
         for attempt in (1, 2):
             connection = self._connection(session, message, done, route)
             if connection is None:
@@ -895,19 +903,21 @@ class CodexBackend(Backend):
                 our_id = session.new_id()
             data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
             with self._lock:
-                if session.connection is connection:  # else lost meanwhile: open a new one
-                    session.pending[our_id] = (message, done, route)
-                    self._in_flight += 1
-                    if message["method"] == "initialize" and session.init_result is None:
-                        session.init_params = message.get("params")
-                    if connection.send(data):
-                        return
-                    # Not delivered: unless its loss has answered it already, take it back
-                    # and try a new connection once.
-                    if session.pending.pop(our_id, None) is None:
-                        return
-                    self._in_flight -= 1
-            # Its reader may be stuck relaying to a slow client: tell the loss from here.
+                if session.connection is not connection:
+                    continue  # lost meanwhile: open a new one
+                session.pending[our_id] = (message, done, route)
+                self._in_flight += 1
+                if message["method"] == "initialize" and session.init_result is None:
+                    session.init_params = message.get("params")
+            if connection.send(data):  # outside the lock: a full socket may block it
+                return
+            # Not delivered: unless its loss has answered it already, take it back and try a
+            # new connection once.  Its reader may be stuck relaying to a slow client: tell
+            # the loss from here.
+            with self._lock:
+                if session.pending.pop(our_id, None) is None:
+                    return
+                self._in_flight -= 1
             self._connection_lost(connection, "it no longer takes messages")
         reason = "codex-app-server is shutting down" if self._closed else \
             "codex app-server is not available: the connection to it closed before it " \
@@ -922,23 +932,25 @@ class CodexBackend(Backend):
 
     def close(self, deadline: float) -> None:
         with self._lock:
+            if self._closed:  # stdio's backend: at stdin's end, then at shutdown
+                return
             self._closed = True
             while self._in_flight and time.monotonic() < deadline:
                 self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
             if self._in_flight:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
                             self._in_flight)
-            connections = [session.detach(self._pool) for session in self._sessions.values()]
+            connections = [session.connection for session in self._sessions.values()
+                           if session.connection is not None]
             self._codex.users -= 1
             last = self._codex.users == 0
-        for connection in connections:
-            if connection is not None:
-                connection.close()
-        for connection in connections:  # so what it still owed is answered before we go on
-            if connection is not None:
-                connection.ended.wait(max(0.1, deadline - time.monotonic()))
-        if last:
+        if last:  # every connection ends with it, quickly
             self._codex.stop(deadline)
+        for connection in connections:
+            self._connection_lost(connection, "")  # what it still owes is answered
+            connection.close()
+        for connection in connections:
+            connection.ended.wait(max(0.1, deadline - time.monotonic()))
 
     # Sessions --------------------------------------------------------------
 
@@ -947,18 +959,15 @@ class CodexBackend(Backend):
             session = self._sessions.get(route.session)
             if session is None:
                 session = self._sessions[route.session] = Session(self, route.session)
-                self._forget_closed_sessions()
+                # A closed session's state is small, but clients choose keys: keep the newest.
+                excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self._pool.max_sessions)
+                for key in list(itertools.islice(self._sessions, max(0, excess))):
+                    if self._sessions[key].connection is None and self._sessions[key].idle():
+                        del self._sessions[key]
             else:
                 self._sessions.move_to_end(route.session)
             session.follow(route)
         return session
-
-    def _forget_closed_sessions(self) -> None:
-        # A closed session's state is small, but clients choose keys: keep the newest.
-        excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self._pool.max_sessions)
-        for key in list(itertools.islice(self._sessions, max(0, excess))):
-            if self._sessions[key].connection is None and self._sessions[key].idle():
-                del self._sessions[key]
 
     def _connection(self, session: "Session", message: Message, done: rpc.Done,
                     route: rpc.Route) -> Optional["CodexConnection"]:
@@ -977,16 +986,16 @@ class CodexBackend(Backend):
             if self._closed:
                 failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
             else:
-                admitted, victim = self._pool.admit(session)
+                admitted, closing = self._pool.admit(session)
                 if not admitted:
                     failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
                                f"{self._pool.max_sessions} sessions (--max-sessions) is busy; "
                                "retry later")
         if failure is None:
-            if victim is not None:
-                victim.close("least recently used, to make room (--max-sessions)")
+            if closing is not None:
+                closing.close()
             try:
-                websocket = self._codex.connect()
+                websocket, process = self._codex.connect()
             except CodexUnavailable as exc:
                 with self._lock:
                     self._pool.release(session)
@@ -998,12 +1007,12 @@ class CodexBackend(Backend):
                 log.warning("session %s: dropping a %s notification: %s",
                             _session_name(session.key), message["method"][:200], failure[1])
             return None
-        connection = CodexConnection(websocket, _session_name(session.key), self._from_codex,
-                                     self._connection_lost, self._codex.max_size)
+        connection = CodexConnection(websocket, process, session, self._from_codex,
+                                     self._connection_lost)
         with self._lock:
             session.connection = connection
-            connection.session = session
             replay = session.replay()
+        connection._reader.start()
         for data in replay:  # its state first: Codex takes a connection's messages in order
             connection.send(data)
         log.debug("session %s: connected to codex (%d messages replayed)",
@@ -1012,24 +1021,17 @@ class CodexBackend(Backend):
 
     # Requests and replies --------------------------------------------------
 
-    def _answer_initialize(self, session: "Session", request: Message, done: rpc.Done,
-                           route: rpc.Route) -> bool:
-        """A repeated ``initialize`` (a redelivered record, say) with the same parameters is
-        answered with the saved result; False sends it on to Codex."""
-        with self._lock:
-            result = session.init_result
-            if result is None or request.get("params") != session.init_params:
-                return False
-        self.transport.send({"id": request["id"], "result": result}, done, route)
-        return True
-
     def _answer_codex(self, answer: Message) -> None:
         """A client's answer to one of Codex's requests goes to the connection that asked."""
         with self._lock:
             asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
-            if asked is not None:  # Codex's serverRequest/resolved ends it in the session
+            if asked is not None:
                 session, connection, codex_id = asked
                 self._pool.touch(session)
+                entry = session.asked.pop(codex_id, None)
+                if entry is not None and entry[1] is not None:
+                    # Codex's serverRequest/resolved (which names a thread) is still to come.
+                    session.asked[codex_id] = (entry[0], entry[1], True)
         if asked is not None and connection.send(rpc.encode(dict(answer, id=codex_id))):
             return
         log.warning("dropping a client answer to codex request %r, which no connection to "
@@ -1038,11 +1040,12 @@ class CodexBackend(Backend):
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
         session = connection.session
-        pending = None
+        pending = retry = None
         with self._lock:
-            if session is None or session.connection is not connection:
+            if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
-            self._pool.touch(session)
+            if "id" in message:  # not a notification: some are broadcast to every session
+                self._pool.touch(session)
             if "method" in message:
                 message = self._ask_client(session, connection, message) if "id" in message \
                     else session.notified(message, self._asked)
@@ -1053,9 +1056,15 @@ class CodexBackend(Backend):
                     self._in_flight -= 1
                     self._lock.notify_all()
                     retry = session.answered(pending[0], message)
-                    if retry is not None:
-                        self._retry_later(session, connection, message["id"], pending, retry)
-                        return
+                    if retry is not None:  # Codex is overloaded: ask again, not the client
+                        session.pending[message["id"]] = pending
+                        self._in_flight += 1
+        if pending is not None and retry is not None:
+            # Backoff on this session's reader: its later messages wait too, which is the
+            # backpressure an overloaded Codex asks for.
+            time.sleep(min(2.0, 0.05 * 2 ** retry))
+            connection.send(rpc.encode(dict(pending[0], id=message["id"])))
+            return
         if message is None:
             return  # nothing the client should see
         if "method" in message:
@@ -1066,24 +1075,6 @@ class CodexBackend(Backend):
         elif pending[0].get("id") is not None:  # None: a request of our own (a replay)
             self.transport.send(dict(message, id=pending[0]["id"]), pending[1], pending[2])
 
-    def _retry_later(self, session: "Session", connection: "CodexConnection", our_id: int,
-                     pending: Pending, attempt: int) -> None:
-        """Codex said it is overloaded (-32001): ask again after a backoff, not the client."""
-        delay = min(2.0, 0.05 * 2 ** attempt)
-        log.debug("session %s: codex is overloaded; retrying request %r in %.2f s",
-                  _session_name(session.key), pending[0].get("id"), delay)
-        session.pending[our_id] = pending
-        self._in_flight += 1
-
-        def resend() -> None:
-            with self._lock:
-                still = session.connection is connection and our_id in session.pending
-            if still:
-                connection.send(rpc.encode(dict(pending[0], id=our_id)))
-        timer = threading.Timer(delay, resend)
-        timer.daemon = True
-        timer.start()
-
     def _ask_client(self, session: "Session", connection: "CodexConnection",
                     request: Message) -> Message:
         """Codex's request goes out under an id no other request of this server has had."""
@@ -1091,33 +1082,34 @@ class CodexBackend(Backend):
         params = request.get("params")
         thread_id = params.get("threadId") if isinstance(params, dict) else None
         self._asked[outward] = (session, connection, request["id"])
-        session.asked[request["id"]] = (outward, thread_id)
+        session.asked[request["id"]] = (outward, thread_id, False)
         return dict(request, id=outward)
 
     def _connection_lost(self, connection: "CodexConnection", why: str) -> None:
         session = connection.session
         with self._lock:
-            if session is None or session.connection is not connection:
+            if session.connection is not connection:
                 return  # closed on purpose, and idle then: nothing to tell
             session.connection = None
             self._pool.release(session)
             orphans, session.pending = list(session.pending.values()), {}
             self._in_flight -= len(orphans)
             withdrawn, session.asked = list(session.asked.values()), {}
-            for outward, _ in withdrawn:
+            for outward, _, _ in withdrawn:
                 self._asked.pop(outward, None)
             turns, session.turns = session.turns, {}
             route = session.route
             self._lock.notify_all()
-        exited = self._codex.exit_reason(wait=2.0)
-        message = f"codex app-server exited with {exited}" if exited else \
+        exited = None if self._closed else _exit_reason(connection.process, wait=2.0)
+        message = "codex-app-server is shutting down" if self._closed else \
+            f"codex app-server exited with {exited}" if exited else \
             f"the connection to codex app-server closed ({why})"
         (log.error if orphans or turns else log.info)(
             "session %s: %s; failing %d pending requests and %d running turns",
             _session_name(session.key), message, len(orphans), len(turns))
         # What Codex itself sends when a turn fails, so clients need no special case:
         # its open requests withdrawn first, then `error` and a failed `turn/completed`.
-        for outward, thread_id in withdrawn:
+        for outward, thread_id, _ in withdrawn:
             if isinstance(thread_id, str):  # the notification names a thread
                 self.transport.send({"method": "serverRequest/resolved", "params": {
                     "threadId": thread_id, "requestId": outward}}, rpc.nothing, route)
@@ -1167,8 +1159,9 @@ class Session:
         self.initialized = False  # the client sent the `initialized` notification
         self.threads: Dict[str, None] = {}  # loaded threads, oldest first
         self.pending: Dict[int, Pending] = {}  # our id -> the client's request
-        # Codex's ids of its unresolved requests to the client -> (the client's id, thread id)
-        self.asked: Dict[Any, Tuple[int, Any]] = {}
+        # Codex's ids of its unresolved requests to the client -> (the client's id, thread id,
+        # answered by the client)
+        self.asked: Dict[Any, Tuple[int, Any, bool]] = {}
         self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
         self.retries: Dict[int, int] = {}  # our id -> times Codex said "overloaded"
         self._next_id = 1
@@ -1178,7 +1171,8 @@ class Session:
         return self._next_id - 1
 
     def idle(self) -> bool:
-        return not (self.pending or self.asked or self.turns)
+        return not (self.pending or self.turns or any(not answered for _, _, answered
+                                                     in self.asked.values()))
 
     def follow(self, route: rpc.Route) -> None:
         """A reply topic or partition the client names holds for what Codex sends unasked."""
@@ -1189,9 +1183,8 @@ class Session:
 
     def replay(self) -> List[bytes]:
         """What a new connection is told before the client's next message."""
-        if self.init_params is None or self.init_result is None:
-            if self.init_params is not None:  # its initialize was lost with the connection
-                self.init_params = None
+        if self.init_result is None:
+            self.init_params = None  # unanswered, lost with the connection: none to replay
             return []
         out = [self._own("initialize", self.init_params)]
         if self.initialized:
@@ -1219,8 +1212,11 @@ class Session:
         if method == "initialize":
             if result is not None and request.get("id") is not None:
                 self.init_result = result
-            elif result is None and self.init_result is None:
-                self.init_params = None  # failed: the next initialize goes to Codex again
+            elif result is None and (self.init_result is None or request.get("id") is None):
+                if request.get("id") is None:
+                    log.warning("session %s: codex refused its replayed initialize: %s",
+                                _session_name(self.key), str(reply.get("error"))[:300])
+                self.init_params = self.init_result = None  # the next one goes to Codex
         elif isinstance(result, dict) and method in ("thread/start", "thread/resume",
                                                      "thread/fork"):
             thread = result.get("thread")
@@ -1268,12 +1264,6 @@ class Session:
             pool.release(self)
         return connection
 
-    def close(self, why: str) -> None:
-        with self.backend._lock:
-            connection = self.detach(self.backend._pool)
-        if connection is not None:
-            log.info("session %s: connection to codex closed: %s", _session_name(self.key), why)
-            connection.close()
 
 
 def _session_name(key: Optional[bytes]) -> str:
@@ -1292,22 +1282,25 @@ class SessionPool:
         self._open: "collections.OrderedDict[Session, None]" = collections.OrderedDict()
         self._reaper: Optional[threading.Thread] = None
 
-    def admit(self, session: Session) -> Tuple[bool, Optional[Session]]:
+    def admit(self, session: Session) -> Tuple[bool, Optional["CodexConnection"]]:
         """Under the lock: make room for ``session``; (False, None) when none is idle,
-        else (True, the session whose connection the caller must close, if any)."""
-        victim = None
+        else (True, the connection of the session closed for it, for the caller to close
+        outside the lock)."""
+        closing = None
         if len(self._open) >= self.max_sessions:
             victim = next((other for other in self._open if other.idle()), None)
             if victim is None:
                 return False, None
-            self._open.pop(victim)
+            closing = victim.detach(self)
+            log.info("session %s: connection to codex closed: least recently used, to make "
+                     "room (--max-sessions)", _session_name(victim.key))
         self._open[session] = None
         session.last_used = time.monotonic()
         if self._reaper is None and self.idle_timeout:
             self._reaper = threading.Thread(target=self._reap, name="session-reaper",
                                             daemon=True)
             self._reaper.start()
-        return True, victim
+        return True, closing
 
     def touch(self, session: Session) -> None:
         session.last_used = time.monotonic()
@@ -1317,18 +1310,19 @@ class SessionPool:
     def release(self, session: Session) -> None:
         self._open.pop(session, None)
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def _reap(self) -> None:
         while True:
             time.sleep(min(1.0, self.idle_timeout / 4))
             limit = time.monotonic() - self.idle_timeout
-            with self.lock:
+            with self.lock:  # decided and detached at once: nothing slips in between
                 stale = [session for session in itertools.takewhile(
                     lambda s: s.last_used < limit, self._open) if session.idle()]
-            for session in stale:
-                session.close(f"idle for {self.idle_timeout:g} s (--session-idle-timeout)")
+                closing = [session.detach(self) for session in stale]
+            for session, connection in zip(stale, closing):
+                log.info("session %s: connection to codex closed: idle for %g s "
+                         "(--session-idle-timeout)", _session_name(session.key),
+                         self.idle_timeout)
+                connection.close()
 
 
 class CodexUnavailable(Exception):
@@ -1340,18 +1334,19 @@ class CodexConnection:
     to ``on_message(connection, message)``, and the connection's end, once, to
     ``on_end(connection, why)``."""
 
-    def __init__(self, websocket: Any, name: str,
+    def __init__(self, websocket: Any, process: subprocess.Popen, session: Session,
                  on_message: Callable[["CodexConnection", Message], None],
-                 on_end: Callable[["CodexConnection", str], None], max_size: int):
-        self.session: Optional[Session] = None
+                 on_end: Callable[["CodexConnection", str], None]):
+        self.session = session
+        self.process = process  # the Codex it connects to
         self.lost = False  # its end is being told
         self.ended = threading.Event()  # told
         self._websocket = websocket
-        self._name = name
+        self._name = name = _session_name(session.key)
         self._on_message = on_message
         self._on_end = on_end
-        self._max_size = max_size
-        threading.Thread(target=self._read, daemon=True, name=f"codex-session-{name}").start()
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"codex-session-{name}")
 
     def send(self, data: bytes) -> bool:
         """One encoded message as one text frame; False when the connection is gone."""
@@ -1363,6 +1358,12 @@ class CodexConnection:
             return False
 
     def close(self) -> None:
+        """At once, without the closing handshake a busy Codex could hold up: Codex takes
+        the end of the socket as the client gone."""
+        try:
+            self._websocket.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # gone already
         try:
             self._websocket.close()
         except Exception as exc:
@@ -1388,7 +1389,7 @@ class CodexConnection:
                 except Exception:  # this thread must live on to tell the connection's end
                     log.exception("internal error relaying a message from codex")
         except Exception as exc:  # websockets' ConnectionClosed, or the socket failing
-            why = _closed_why(exc, self._max_size)
+            why = str(exc) or exc.__class__.__name__  # websockets names a close's code
         finally:
             self.lost = True
             try:
@@ -1406,14 +1407,6 @@ class CodexConnection:
         elif what == rpc.REQUEST and msg_id is not None:  # Codex's request fails at once
             self.send(rpc.encode(rpc.error_response(msg_id, rpc.INTERNAL_ERROR,
                                                     f"the request {text}")))
-
-
-def _closed_why(exc: Exception, max_size: int) -> str:
-    code = getattr(getattr(exc, "rcvd", None), "code", None) or \
-        getattr(getattr(exc, "sent", None), "code", None)
-    if code == 1009:
-        return f"codex sent a message over {max_size} bytes"
-    return str(exc) or exc.__class__.__name__
 
 
 class CodexProcess:
@@ -1436,50 +1429,46 @@ class CodexProcess:
         self._stopping = False
         self._failure, self._failed_until = "", 0.0
 
-    def connect(self) -> Any:
-        """A new WebSocket connection to Codex (started when it is not running);
-        CodexUnavailable naming why there is none."""
+    def connect(self) -> Tuple[Any, subprocess.Popen]:
+        """A new WebSocket connection to Codex (started when it is not running), and the
+        process; CodexUnavailable naming why there is none."""
         from websockets.sync.client import unix_connect
         direct = {"legacy": True} if "legacy" in inspect.signature(unix_connect).parameters \
             else {}  # websockets 16 and later: connect outside a ``with`` block
-        with self._lock:
-            if self._stopping:
-                raise CodexUnavailable("codex-app-server is shutting down")
-            if time.monotonic() < self._failed_until:  # no start attempt per request
-                raise CodexUnavailable(self._failure)
-            if self._process is None or self._process.poll() is not None:
-                self._start()
-            process, path = self._process, self._socket
-        deadline = time.monotonic() + self.START_TIMEOUT
-        while True:
-            try:
-                return unix_connect(path, max_size=self.max_size, ping_interval=None,
-                                    close_timeout=1, compression=None, **direct)
-            except Exception as exc:  # not listening yet (OSError), a refused handshake
-                if process.poll() is not None:
-                    failure = f"codex app-server exited with {_how(process.returncode)} " \
-                              "before it took a connection"
-                elif time.monotonic() >= deadline:
-                    self._signal(process, signal.SIGKILL)
-                    failure = f"codex app-server did not take a connection on its socket " \
-                              f"within {self.START_TIMEOUT:g} s ({exc}); stopped it"
-                else:
-                    time.sleep(0.02)
-                    continue
-                log.error("%s", failure)
-                self._failure, self._failed_until = failure, time.monotonic() + self.RETRY_AFTER
-                raise CodexUnavailable(failure) from None
-
-    def exit_reason(self, wait: float) -> Optional[str]:
-        """How the current process exited ("status 1", "signal 9"), waiting up to ``wait``
-        seconds for it to go; None while it runs."""
-        process = self._process
-        if process is None:
-            return None
-        try:
-            return _how(process.wait(wait))
-        except subprocess.TimeoutExpired:
-            return None
+        for attempt in (1, 2):
+            with self._lock:
+                if self._stopping:
+                    raise CodexUnavailable("codex-app-server is shutting down")
+                if time.monotonic() < self._failed_until:  # no start attempt per request
+                    raise CodexUnavailable(self._failure)
+                started = self._process is None or self._process.poll() is not None
+                if started:
+                    self._start()
+                process, path = self._process, self._socket
+            deadline = time.monotonic() + self.START_TIMEOUT
+            while True:
+                try:
+                    return unix_connect(path, max_size=self.max_size, ping_interval=None,
+                                        close_timeout=1, compression=None, **direct), process
+                except Exception as exc:  # not listening yet (OSError), a refused handshake
+                    if not started and attempt == 1:  # a Codex on its way out: wait, restart
+                        _exit_reason(process, wait=5.0)
+                        break
+                    if process.poll() is not None:
+                        failure = f"codex app-server exited with {_how(process.returncode)} " \
+                                  "before it took a connection"
+                    elif time.monotonic() >= deadline:
+                        self._signal(process, signal.SIGKILL)
+                        failure = f"codex app-server did not take a connection on its " \
+                                  f"socket within {self.START_TIMEOUT:g} s ({exc}); stopped it"
+                    else:
+                        time.sleep(0.02)
+                        continue
+                    log.error("%s", failure)
+                    self._failure = failure
+                    self._failed_until = time.monotonic() + self.RETRY_AFTER
+                    raise CodexUnavailable(failure) from None
+        raise CodexUnavailable("codex app-server did not exit")  # the old one lingers on
 
     def stop(self, deadline: float) -> None:
         """SIGTERM to its process group; SIGKILL when it has not gone by the deadline."""
@@ -1513,38 +1502,40 @@ class CodexProcess:
             raise CodexUnavailable(f"cannot start codex app-server: {exc}") from None
         log.info("started codex app-server (pid %d) listening in %s", process.pid, directory)
         self._process, self._socket = process, path
-        watch = self._start_watcher(process.pid)
-        threading.Thread(target=self._log_output, args=(process, process.stderr), daemon=True,
-                         name=f"codex-{process.pid}-stderr").start()
+        watch = self._start_watcher(process.pid, directory)
+        for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
+            threading.Thread(target=self._log_output, args=(process, stream), daemon=True,
+                             name=f"codex-{process.pid}-{name}").start()
         self._ended = threading.Thread(target=self._tidy, args=(process, watch, directory),
-                                       daemon=True, name=f"codex-{process.pid}-stdout")
+                                       daemon=True, name=f"codex-{process.pid}-wait")
         self._ended.start()
 
-    def _start_watcher(self, pid: int) -> Optional[int]:
+    @staticmethod
+    def _start_watcher(pid: int, directory: str) -> Optional[int]:
         """A tiny process that stops Codex's process group once this server is gone: it
         waits for the end of a pipe only this server holds.  Portable (sh, cat, kill),
         unlike Linux's parent-death signal."""
+        read_end = write_end = None
         try:
             read_end, write_end = os.pipe()
-        except OSError as exc:
-            log.warning("cannot watch codex app-server (pid %d): %s", pid, exc)
-            return None
-        try:
-            subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(pid)],
+            subprocess.Popen(["sh", "-c", _WATCHER, "codex-app-server-watch", str(pid),
+                              directory],
                              stdin=read_end, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
             return write_end
         except OSError as exc:
             log.warning("cannot start the watcher of codex app-server (pid %d): %s; it may "
                         "outlive a server that is killed", pid, exc)
-            os.close(write_end)
+            if write_end is not None:
+                os.close(write_end)
             return None
         finally:
-            os.close(read_end)
+            if read_end is not None:
+                os.close(read_end)
 
     def _tidy(self, process: subprocess.Popen, watch: Optional[int], directory: str) -> None:
-        """Relay its stdout; once it has exited, end its watcher and remove its directory."""
-        self._log_output(process, process.stdout)
+        """Once it has exited (the launcher, that is): end its watcher, which stops what is
+        left of its group, and remove its directory."""
         status = process.wait()
         if watch is not None:
             os.close(watch)  # the watcher stops what is left of the group, then exits
@@ -1572,15 +1563,25 @@ class CodexProcess:
                 pass
 
 
+def _exit_reason(process: subprocess.Popen, wait: float) -> Optional[str]:
+    """How ``process`` exited ("status 1", "signal 9"), waiting up to ``wait`` seconds for it
+    to go; None while it runs."""
+    try:
+        return _how(process.wait(wait))
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _how(status: int) -> str:
     return f"signal {-status}" if status < 0 else f"status {status}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# The watcher (sh): wait until the server's pipe ends, then stop the group of $1: TERM, and
-# KILL two seconds later for whatever is still there (a launcher's child, say).
+# The watcher (sh): wait until the server's pipe ends, remove Codex's directory $2, then stop
+# the group of $1: TERM, and KILL two seconds later for whatever is still there (a launcher's
+# child, say).
 # POSIX "kill -s SIG -- -PGID" (dash takes no "-TERM --"); busybox wants it without "--".
-_WATCHER = ('cat >/dev/null; { kill -s TERM -- "-$1" || kill -s TERM "-$1"; } 2>/dev/null '
+_WATCHER = ('cat >/dev/null; rm -rf "$2"; { kill -s TERM -- "-$1" || kill -s TERM "-$1"; } 2>/dev/null '
             '|| exit 0; sleep 2; { kill -s KILL -- "-$1" || kill -s KILL "-$1"; } 2>/dev/null; '
             'exit 0')
 

@@ -250,12 +250,15 @@ def test_a_child_that_floods_and_never_listens_fails_requests_quietly(stdio):
 
 
 def test_a_child_that_ignores_stdin_does_not_outlive_a_killed_server(stdio):
-    # This child never listens and ignores SIGTERM's absence: only the watcher stops it.
+    # This child never listens and never exits by itself: only the watcher stops it.
     session = stdio("--codex-command", "sh -c 'exec sleep 297'")
     session.write(b'{"id":1,"method":"noop"}\n')
     session.server.wait_for_log("started codex app-server")
     pid = int(session.server.log.rsplit("(pid ", 1)[1].split(")")[0])
-    assert open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:2] == [b"sleep", b"297"]
+    deadline = time.monotonic() + 5  # until sh has exec'd
+    while open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:2] != [b"sleep", b"297"]:
+        assert time.monotonic() < deadline, open(f"/proc/{pid}/cmdline", "rb").read()
+        time.sleep(0.02)
     session.server.process.kill()
     session.server.process.wait()
     def gone() -> bool:  # (a zombie is gone: its new parent may be slow to reap it)

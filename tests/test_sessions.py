@@ -5,12 +5,13 @@ closed connection replays the session's state.  Real broker, real Codex, mock mo
 
 import os
 import signal
+import subprocess
 import time
 
 from conftest import KafkaClient, Topics, local_broker
 from test_codex import (  # noqa: F401 (fixtures)
-    CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize,
-    logged_codex_pids, mock_model, notification, request, text_input)
+    CLIENT_INFO, WAIT, StdioClient, codex_bin, codex_env, codex_home, codex_server,
+    initialize, logged_codex_pids, mock_model, notification, request, text_input)
 from test_routing import partition_of
 
 
@@ -157,3 +158,19 @@ def test_codex_killed_mid_turn_then_the_sessions_carry_on(codex_server, topics, 
         assert len(logged_codex_pids(server)) == 2, server.log
     finally:
         other.close()
+
+
+def test_shutdown_answers_what_codex_still_owes(codex_server):
+    """SIGTERM with a request Codex will not answer in time: the client gets an error
+    naming the shutdown, not silence (stdio is a session like any other)."""
+    server = codex_server(None, "--shutdown-timeout", "1", stdin=subprocess.PIPE)
+    stdio = StdioClient(server)
+    stdio.request(1, "initialize", {"clientInfo": CLIENT_INFO})
+    stdio.send({"id": 2, "method": "command/exec",
+                "params": {"command": ["sleep", "30"], "timeoutMs": 60000}})
+    time.sleep(1.0)
+    server.process.send_signal(signal.SIGTERM)
+    reply = stdio.wait_for(lambda m: m.get("id") == 2)
+    assert reply["error"]["code"] == -32603, reply
+    assert "shutting down" in reply["error"]["message"], reply
+    assert server.process.wait(WAIT) == 0, server.log

@@ -609,3 +609,129 @@ def test_offset_tracker_ignores_done_from_before_a_revoke():
     new[0]()  # twice: no error, no effect
     new[1]()
     assert tracker.commit_points() == {"p0": 7}
+
+
+# --- the Codex backend's sessions, against a scripted Codex connection ------------
+# (The real Codex is in test_codex.py and test_sessions.py; these drive the interleavings
+# a real Codex cannot be made to produce on demand.)
+
+class ScriptedWebSocket:
+    """The websockets connection's surface the backend uses; ``answer(message)`` gives
+    Codex's messages in reply to each one sent."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sent = []
+        self.incoming = __import__("queue").Queue()
+        self.socket = self
+
+    def send(self, data, text=None):
+        message = json.loads(data)
+        self.sent.append(message)
+        for reply in self.answer(message):
+            self.incoming.put(json.dumps(reply).encode())
+
+    def recv(self, decode=None):
+        data = self.incoming.get()
+        if data is None:
+            raise EOFError("closed")
+        return data
+
+    def shutdown(self, how):
+        self.incoming.put(None)
+
+    def close(self):
+        self.incoming.put(None)
+
+
+class ScriptedCodex:
+    """CodexProcess's surface: every connect() a new scripted connection."""
+
+    class Alive:
+        def wait(self, timeout=None):
+            raise subprocess.TimeoutExpired("codex", timeout)
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.users = 0
+        self.sockets = []
+
+    def connect(self):
+        self.sockets.append(ScriptedWebSocket(self.answer))
+        return self.sockets[-1], self.Alive()
+
+    def stop(self, deadline):
+        pass
+
+
+def wait_for(predicate, what, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_codex_overload_is_retried_not_passed_on():
+    attempts = []
+
+    def answer(message):
+        if message.get("method") == "x":
+            attempts.append(message["id"])
+            if len(attempts) < 3:
+                return [{"id": message["id"], "error": {"code": -32001,
+                                                        "message": "Server overloaded"}}]
+            return [{"id": message["id"], "result": {"ok": True}}]
+        return []
+    transport = Recorder()
+    backend = app.CodexBackend(transport, ScriptedCodex(answer), app.SessionPool(10, 0))
+    backend.handle({"id": 7, "method": "x", "params": {}})
+    wait_for(lambda: transport.sent, "no reply")
+    assert transport.sent == [{"id": 7, "result": {"ok": True}}]
+    assert len(attempts) == 3 and len(set(attempts)) == 1, attempts
+
+
+def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
+    def answer(message):
+        if message.get("method") == "ask":  # Codex asks the client, outside any thread
+            return [{"id": 0, "method": "account/chatgptAuthTokens/refresh", "params": {}},
+                    {"id": message["id"], "result": {}}]
+        return []
+    transport = Recorder()
+    backend = app.CodexBackend(transport, ScriptedCodex(answer), app.SessionPool(10, 0))
+    backend.handle({"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"s"))
+    wait_for(lambda: len(transport.sent) == 2, "no request and reply")
+    asked = next(m for m in transport.sent if "method" in m)
+    session = backend._sessions[b"s"]
+    assert not session.idle()  # Codex waits for the client's answer
+    backend.handle({"id": asked["id"], "result": {"accessToken": "t"}})
+    assert session.idle()
+    codex_side = backend._codex.sockets[0].sent[-1]
+    assert codex_side == {"id": 0, "result": {"accessToken": "t"}}, codex_side
+
+
+def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state():
+    held = []
+
+    def answer(message):
+        if message.get("method") == "initialize":
+            return [{"id": message["id"], "result": {"userAgent": "scripted"}}]
+        if message.get("method") == "slow":
+            held.append(message)  # answered later
+            return []
+        return [{"id": message["id"], "result": {}}]
+    transport = Recorder()
+    codex = ScriptedCodex(answer)
+    backend = app.CodexBackend(transport, codex, app.SessionPool(10, 0.2))
+    init = {"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "t"}}}
+    for key in (b"busy", b"idle"):
+        backend.handle(dict(init), route=rpc.Route(key))
+    backend.handle({"id": 2, "method": "slow", "params": {}}, route=rpc.Route(b"busy"))
+    wait_for(lambda: backend._sessions[b"idle"].connection is None, "idle not closed")
+    time.sleep(0.5)
+    assert backend._sessions[b"busy"].connection is not None  # something in flight
+    backend.handle({"id": 3, "method": "again", "params": {}}, route=rpc.Route(b"idle"))
+    reopened = codex.sockets[-1].sent
+    assert [m.get("method") for m in reopened] == ["initialize", "again"], reopened
+    assert reopened[0]["params"] == init["params"]
+    wait_for(lambda: len(transport.sent) == 3, "no reply to the reopened session")
+    assert transport.sent[-1] == {"id": 3, "result": {}}
