@@ -22,6 +22,7 @@ import collections
 import fnmatch
 import inspect
 import itertools
+import json
 import logging
 import os
 import re
@@ -54,7 +55,7 @@ KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
 KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
     "kafka_input_topic", "kafka_output_topic", "kafka_property", "kafka_config",
     "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic",
-    "kafka_reply_topic_pattern")
+    "kafka_reply_topic_pattern", "stats_topic")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # Kafka's default record limit is 1 MiB
 CODEX_LINE_LIMIT = 64 * 1024 * 1024  # Codex's replies (a thread's history, a file) can be big
@@ -66,13 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(parser, argv)
     configure_logging(args.log_level, secrets=[
         value for key, value in getattr(args, "kafka_properties", {}).items()
-        if key in rpc.SECRET_PROPERTIES])
+        if rpc.is_secret(key)])
     backend_factory = backend_factory_for(args, parser)
     policy = MethodPolicy(args.allow_method or (), args.deny_method or ()) \
         if args.allow_method or args.deny_method else None
     server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
                     queue_size=args.queue_size, max_message_bytes=args.max_message_bytes,
-                    policy=policy)
+                    policy=policy, stats_interval=args.stats_interval,
+                    stats_topic=getattr(args, "stats_topic", None))
     if args.kafka:
         server.add_kafka(args)
     if args.stdio:
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reply topics a request may name in its reply-topic header "
                             "(kafka_replyTopic, REPLY_TOPIC, reply_to) must match this whole; "
                             "others get a JSON-RPC error on the output topic (default: any)")
+    kafka.add_argument("--stats-topic", metavar="TOPIC", type=_topic,
+                       help="also produce each statistics line (-X statistics.interval.ms) to "
+                            "this topic, keyed by the client id")
     kafka.add_argument("--kafka-config", metavar="FILE",
                        help="librdkafka/Java properties file (key=value) of client properties; "
                             "the environment, -X and flags take precedence")
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close a session's connection to Codex after this long without "
                              "traffic and with nothing in flight; its next message reopens it "
                              "and replays its initialize (0: never; default: 600)")
+    parser.add_argument("--request-timeout", metavar="SECONDS", type=_seconds, default=600.0,
+                        help="a request Codex has not answered after this long gets a -32603 "
+                             "error, so its offset commits (0: none; default: 600)")
     parser.add_argument("--builtin-delay", metavar="SECONDS", type=_seconds, default=0.0,
                         help="builtin backend: wait this long before each reply, to load-test "
                              "a transport against a slow backend (default: 0)")
@@ -173,6 +181,7 @@ def parse_args(parser: argparse.ArgumentParser,
     """Parse and cross-check flags; usage errors exit 2 through ``parser.error``."""
     args = parser.parse_args(argv)
     args.kafka = any(getattr(args, name) is not None for name in KAFKA_FLAGS)
+    args.stats_interval = 0.0
     if not args.kafka:
         args.stdio = True
         return args
@@ -185,6 +194,19 @@ def parse_args(parser: argparse.ArgumentParser,
     properties.update(args.kafka_property or [])
     properties.update({prop: getattr(args, flag) for flag, prop in KAFKA_PROPERTY_FLAGS.items()
                        if getattr(args, flag) is not None})
+    if "metadata.broker.list" in properties:  # librdkafka's older name
+        properties.setdefault("bootstrap.servers", properties["metadata.broker.list"])
+    # The server's own statistics, as librdkafka's: not a kafka-python setting.
+    interval = properties.pop("statistics.interval.ms", "0")
+    try:
+        args.stats_interval = rpc.parse_integer(interval) / 1000.0
+    except ValueError as exc:
+        parser.error(f"Kafka client properties: statistics.interval.ms={interval!r}: {exc}")
+    if args.stats_topic and not args.stats_interval:
+        parser.error("--stats-topic needs -X statistics.interval.ms=N (N > 0)")
+    if args.stats_topic and args.stats_topic in (
+            args.kafka_input_topic, args.kafka_output_topic, args.kafka_dead_letter_topic):
+        parser.error("--stats-topic must differ from the input, output and dead-letter topics")
     properties.setdefault("client.id", "codex-app-server")
     properties.setdefault("auto.offset.reset", "latest")
     missing = [flag for flag, present in (
@@ -204,8 +226,13 @@ def parse_args(parser: argparse.ArgumentParser,
     args.kafka_inferred = rpc.infer_security(properties)
     try:
         rpc.client_config(properties)
+        missing = rpc.unsupported(properties)
     except ValueError as exc:
         parser.error(f"Kafka client properties: {exc}")
+    if missing:
+        import kafka
+        parser.error(f"Kafka client properties: {', '.join(missing)}: not supported by the "
+                     f"installed kafka client ({kafka.__name__} {kafka.__version__})")
     args.kafka_properties = properties
     args.kafka_connect_timeout = 30.0 if args.kafka_connect_timeout is None \
         else args.kafka_connect_timeout
@@ -324,8 +351,11 @@ class Server:
     def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
                  queue_size: int = 1000,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 policy: Optional["MethodPolicy"] = None):
+                 policy: Optional["MethodPolicy"] = None, stats_interval: float = 0.0,
+                 stats_topic: Optional[str] = None):
         self.shutdown_event = threading.Event()
+        self.stats_interval = stats_interval
+        self.stats_topic = stats_topic
         self.shutdown_timeout = shutdown_timeout
         self.max_message_bytes = max_message_bytes
         self.processor = Processor(backend_factory, queue_size, policy)
@@ -333,19 +363,24 @@ class Server:
         self._signals = 0
         self._signalled = 0  # the first signal's number
         self._failed = 0  # the exit status a failed transport asks for
+        self.stats_client: Optional[str] = None
 
     def add_kafka(self, args: argparse.Namespace) -> None:
         if args.kafka_inferred:
             log.info("inferred %s from the TLS/SASL settings", ", ".join(args.kafka_inferred))
         log.info("kafka settings: %s", rpc.redacted(args.kafka_properties))
+        for key, why in rpc.ignored_properties(args.kafka_properties):
+            log.warning("ignoring kafka property %s: %s", key, why)
         transport = rpc.KafkaTransport(
             args.kafka_input_topic, args.kafka_output_topic, self.processor,
             args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
             dead_letter_topic=args.kafka_dead_letter_topic,
             connect_timeout=args.kafka_connect_timeout,
             max_input_bytes=self.max_message_bytes,
-            reply_topic_pattern=args.kafka_reply_topic_pattern)
+            reply_topic_pattern=args.kafka_reply_topic_pattern,
+            stats_topic=(args.stats_topic or "") if args.stats_interval else None)
         self.transports.append(transport)
+        self.stats_client = args.kafka_properties.get("client.id")
 
     def add_stdio(self) -> None:
         self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
@@ -373,6 +408,7 @@ class Server:
         log.info("codex-app-server %s serving on %s", __version__, names)
         systemd = SystemdNotifier()
         ready = False
+        next_stats = time.monotonic() + self.stats_interval
         # A timed wait keeps the main thread responsive to signals on every platform.
         # The signal handler only sets a number: Event.set() there could deadlock against
         # this very thread inside Event.wait(), which holds the Event's lock.
@@ -385,6 +421,9 @@ class Server:
             if ready and all(thread.is_alive() for thread in threads
                              if thread.name != "stdio-transport"):
                 systemd.watchdog()
+            if self.stats_interval and time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self.stats_interval
+                self._report_stats()
             time.sleep(0.2)
         systemd.notify("STOPPING=1", "STATUS=shutting down")
         if self._signalled:
@@ -429,6 +468,27 @@ class Server:
             transport.close(timeout=max(1.0, deadline - time.monotonic()))
         log.info("shutdown complete")
         return 0
+
+    def _report_stats(self) -> None:
+        """One INFO line ``stats: {...}`` (and a record on the stats topic): what an operator
+        needs without Kafka's tools.  Payload-free: counts only."""
+        stats: Dict[str, Any] = {"queue": self.processor.queued()}
+        for part in self.processor.stats():
+            for name, value in part.items():
+                stats[name] = stats.get(name, 0) + value if name != "codex_restarts" else value
+        for name in ("sessions", "in_flight", "codex_restarts"):
+            stats.setdefault(name, 0)
+        for transport in self.transports:
+            if isinstance(transport, rpc.KafkaTransport):
+                stats.update(transport.stats())
+                for name in ("received", "replied", "invalid", "dead_lettered", "send_retries"):
+                    stats.setdefault(name, 0)
+        line = json.dumps(stats, separators=(",", ":"), sort_keys=True)
+        log.info("stats: %s", line)
+        for transport in self.transports:
+            if self.stats_topic and isinstance(transport, rpc.KafkaTransport):
+                client = self.stats_client or "codex-app-server"
+                transport.publish(client.encode(), line.encode())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -602,6 +662,9 @@ class Processor:
         backend = self._backends.get(transport)
         if backend is not None:
             backend.close(deadline)
+
+    def stats(self) -> List[Dict[str, Any]]:
+        return [backend.stats() for backend in list(self._backends.values())]
 
     def close_backends(self, deadline: float) -> None:
         for backend in self._backends.values():
@@ -797,6 +860,10 @@ class Backend:
         ``transport.send`` with the reply; for anything else the processor calls ``done``."""
         raise NotImplementedError
 
+    def stats(self) -> Dict[str, int]:
+        """Counts for the statistics line, summed over backends."""
+        return {}
+
     def stopping(self, deadline: float) -> None:
         """Shutdown has begun: stop waiting for room by ``deadline``."""
 
@@ -906,6 +973,7 @@ class CodexBackend(Backend):
                 if session.connection is not connection:
                     continue  # lost meanwhile: open a new one
                 session.pending[our_id] = (message, done, route)
+                session.sent(our_id, self._pool.request_timeout)
                 self._in_flight += 1
                 if message["method"] == "initialize" and session.init_result is None:
                     session.init_params = message.get("params")
@@ -917,6 +985,7 @@ class CodexBackend(Backend):
             with self._lock:
                 if session.pending.pop(our_id, None) is None:
                     return
+                session.deadlines.pop(our_id, None)
                 self._in_flight -= 1
             self._connection_lost(connection, "it no longer takes messages")
         reason = "codex-app-server is shutting down" if self._closed else \
@@ -935,8 +1004,24 @@ class CodexBackend(Backend):
             if self._closed:  # stdio's backend: at stdin's end, then at shutdown
                 return
             self._closed = True
-            while self._in_flight and time.monotonic() < deadline:
-                self._lock.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            # Running turns too, so their clients see turn/completed; near the deadline they
+            # are interrupted, and complete as such within the rest of it (a second at least).
+            grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
+            while (self._in_flight or self._running_turns()) and \
+                    time.monotonic() < deadline - grace:
+                self._lock.wait(max(0.0, min(0.1, deadline - grace - time.monotonic())))
+            interrupts = [(session.connection, session._own("turn/interrupt", {
+                "threadId": thread_id, "turnId": turn_id}))
+                for session, thread_id, turn_id in self._running_turns()]
+        if interrupts:
+            log.warning("shutdown timeout: interrupting %d running turns", len(interrupts))
+        for connection, data in interrupts:
+            connection.send(data)
+        with self._lock:
+            until = max(deadline, time.monotonic() + 1.0)
+            while (self._in_flight or interrupts and self._running_turns()) and \
+                    time.monotonic() < until:
+                self._lock.wait(0.1)
             if self._in_flight:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
                             self._in_flight)
@@ -951,6 +1036,18 @@ class CodexBackend(Backend):
             connection.close()
         for connection in connections:
             connection.ended.wait(max(0.1, deadline - time.monotonic()))
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {"sessions": sum(session.connection is not None
+                                    for session in self._sessions.values()),
+                    "in_flight": self._in_flight,
+                    "codex_restarts": max(0, self._codex.starts - 1)}
+
+    def _running_turns(self) -> List[Tuple["Session", Any, str]]:
+        return [(session, thread_id, turn_id) for session in self._sessions.values()
+                if session.connection is not None
+                for turn_id, (thread_id, _) in session.turns.items()]
 
     # Sessions --------------------------------------------------------------
 
@@ -1040,7 +1137,7 @@ class CodexBackend(Backend):
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
         session = connection.session
-        pending = retry = None
+        pending = retry = late = None
         with self._lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
@@ -1052,6 +1149,9 @@ class CodexBackend(Backend):
                 route = session.route
             else:
                 pending = session.pending.pop(message["id"], None)
+                late = session.timed_out.pop(message["id"], None) if pending is None else None
+                if late is not None:  # its client was told; what it means still counts
+                    session.answered(late[0], message)
                 if pending is not None:
                     self._in_flight -= 1
                     self._lock.notify_all()
@@ -1059,6 +1159,8 @@ class CodexBackend(Backend):
                     if retry is not None:  # Codex is overloaded: ask again, not the client
                         session.pending[message["id"]] = pending
                         self._in_flight += 1
+                    else:
+                        session.deadlines.pop(message["id"], None)
         if pending is not None and retry is not None:
             # Backoff on this session's reader: its later messages wait too, which is the
             # backpressure an overloaded Codex asks for.
@@ -1069,6 +1171,10 @@ class CodexBackend(Backend):
             return  # nothing the client should see
         if "method" in message:
             self.transport.send(message, rpc.nothing, route)
+        elif late is not None:
+            log.warning("session %s: dropping codex's late answer to %s (id %r), which timed "
+                        "out", _session_name(session.key), late[0]["method"][:200],
+                        late[0].get("id"))
         elif pending is None:
             log.warning("session %s: codex answered id %r, which no client asked",
                         _session_name(session.key), message.get("id"))
@@ -1093,6 +1199,9 @@ class CodexBackend(Backend):
             session.connection = None
             self._pool.release(session)
             orphans, session.pending = list(session.pending.values()), {}
+            session.deadlines.clear()
+            session.timed_out.clear()
+            session.retries.clear()
             self._in_flight -= len(orphans)
             withdrawn, session.asked = list(session.asked.values()), {}
             for outward, _, _ in withdrawn:
@@ -1130,8 +1239,8 @@ class CodexBackend(Backend):
         for request, done, request_route in orphans:
             if request.get("id") is not None:
                 self.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR, f"{message} before answering"), done,
-                    request_route)
+                    request["id"], rpc.INTERNAL_ERROR, message if self._closed else
+                    f"{message} before answering"), done, request_route)
 
 
 SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
@@ -1159,6 +1268,8 @@ class Session:
         self.initialized = False  # the client sent the `initialized` notification
         self.threads: Dict[str, None] = {}  # loaded threads, oldest first
         self.pending: Dict[int, Pending] = {}  # our id -> the client's request
+        self.deadlines: Dict[int, float] = {}  # our id -> when it times out
+        self.timed_out: Dict[int, Pending] = {}  # our id -> a request that timed out
         # Codex's ids of its unresolved requests to the client -> (the client's id, thread id,
         # answered by the client)
         self.asked: Dict[Any, Tuple[int, Any, bool]] = {}
@@ -1169,6 +1280,24 @@ class Session:
     def new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
+
+    def sent(self, our_id: int, timeout: float) -> None:
+        if timeout:
+            self.deadlines[our_id] = time.monotonic() + timeout
+
+    def expired(self, now: float) -> List[Pending]:
+        """Take the requests past their deadline out of ``pending``."""
+        late = [our_id for our_id, deadline in self.deadlines.items() if deadline <= now]
+        out = []
+        for our_id in late:
+            del self.deadlines[our_id]
+            request = self.pending.pop(our_id, None)
+            if request is not None:
+                if len(self.timed_out) >= 1000:
+                    self.timed_out.clear()  # only for a clearer warning: no need to keep all
+                self.timed_out[our_id] = request
+                out.append(request)
+        return out
 
     def idle(self) -> bool:
         return not (self.pending or self.turns or any(not answered for _, _, answered
@@ -1196,6 +1325,7 @@ class Session:
         our_id = self.new_id()
         self.pending[our_id] = ({"method": method, "params": params}, rpc.nothing,
                                 rpc.DEFAULT_ROUTE)
+        self.sent(our_id, self.backend._pool.request_timeout)
         self.backend._in_flight += 1
         return rpc.encode({"id": our_id, "method": method, "params": params})
 
@@ -1275,10 +1405,12 @@ class SessionPool:
     recently used idle one closed to make room; any idle longer than ``idle_timeout``
     closed by a reaper thread (0: never)."""
 
-    def __init__(self, max_sessions: int = 1000, idle_timeout: float = 600.0):
+    def __init__(self, max_sessions: int = 1000, idle_timeout: float = 600.0,
+                 request_timeout: float = 0.0):
         self.lock = threading.Condition()
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self._open: "collections.OrderedDict[Session, None]" = collections.OrderedDict()
         self._reaper: Optional[threading.Thread] = None
 
@@ -1296,7 +1428,7 @@ class SessionPool:
                      "room (--max-sessions)", _session_name(victim.key))
         self._open[session] = None
         session.last_used = time.monotonic()
-        if self._reaper is None and self.idle_timeout:
+        if self._reaper is None and (self.idle_timeout or self.request_timeout):
             self._reaper = threading.Thread(target=self._reap, name="session-reaper",
                                             daemon=True)
             self._reaper.start()
@@ -1311,18 +1443,41 @@ class SessionPool:
         self._open.pop(session, None)
 
     def _reap(self) -> None:
+        """Close idle sessions; fail the requests Codex has not answered in time."""
+        tick = max(0.05, min(1.0, *(limit / 4 for limit in (self.idle_timeout,
+                                                             self.request_timeout) if limit)))
         while True:
-            time.sleep(min(1.0, self.idle_timeout / 4))
-            limit = time.monotonic() - self.idle_timeout
-            with self.lock:  # decided and detached at once: nothing slips in between
-                stale = [session for session in itertools.takewhile(
-                    lambda s: s.last_used < limit, self._open) if session.idle()]
-                closing = [session.detach(self) for session in stale]
-            for session, connection in zip(stale, closing):
-                log.info("session %s: connection to codex closed: idle for %g s "
-                         "(--session-idle-timeout)", _session_name(session.key),
-                         self.idle_timeout)
-                connection.close()
+            time.sleep(tick)
+            try:
+                self._reap_once()
+            except Exception:  # this thread must go on: timeouts and idle closing hang on it
+                log.exception("internal error in the session reaper")
+
+    def _reap_once(self) -> None:
+        now = time.monotonic()
+        with self.lock:  # decided and detached at once: nothing slips in between
+            stale = [session for session in itertools.takewhile(
+                lambda s: s.last_used < now - self.idle_timeout, self._open)
+                if session.idle()] if self.idle_timeout else []
+            closing = [session.detach(self) for session in stale]
+            expired = [(session, request) for session in self._open
+                       for request in session.expired(now)] if self.request_timeout else []
+            for session, _ in expired:
+                session.backend._in_flight -= 1
+            self.lock.notify_all()
+        for session, connection in zip(stale, closing):
+            log.info("session %s: connection to codex closed: idle for %g s "
+                     "(--session-idle-timeout)", _session_name(session.key),
+                     self.idle_timeout)
+            connection.close()
+        for session, (request, done, route) in expired:
+            log.warning("session %s: %s request (id %r) timed out after %g s "
+                        "(--request-timeout)", _session_name(session.key),
+                        request["method"][:200], request.get("id"), self.request_timeout)
+            if request.get("id") is not None:
+                session.backend.transport.send(rpc.error_response(
+                    request["id"], rpc.INTERNAL_ERROR, "request timed out after "
+                    f"{self.request_timeout:g} s"), done, route)
 
 
 class CodexUnavailable(Exception):
@@ -1422,6 +1577,7 @@ class CodexProcess:
         self.argv = list(argv)
         self.max_size = max_size
         self.users = 0  # backends: the last one to close stops it
+        self.starts = 0
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
         self._socket = ""
@@ -1501,6 +1657,7 @@ class CodexProcess:
             log.error("cannot start codex app-server (%s): %s", " ".join(self.argv), exc)
             raise CodexUnavailable(f"cannot start codex app-server: {exc}") from None
         log.info("started codex app-server (pid %d) listening in %s", process.pid, directory)
+        self.starts += 1
         self._process, self._socket = process, path
         watch = self._start_watcher(process.pid, directory)
         for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
@@ -1615,7 +1772,7 @@ def backend_factory_for(args: argparse.Namespace,
                      "--backend builtin for transport smoke tests.")
     # One Codex and one pool of sessions for every transport (stdio is a session too).
     codex = CodexProcess(argv, max_size=max(args.max_message_bytes, CODEX_LINE_LIMIT))
-    pool = SessionPool(args.max_sessions, args.session_idle_timeout)
+    pool = SessionPool(args.max_sessions, args.session_idle_timeout, args.request_timeout)
     return lambda transport: CodexBackend(transport, codex, pool, max_in_flight=args.queue_size)
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Sections, in reading order (each one concern):
 
 import bisect
 import collections
+import difflib
 import functools
 import json
 import logging
@@ -459,7 +460,8 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 INT32_MAX = 2 ** 31 - 1  # Kafka's and librdkafka's integer settings are 32-bit
 
 
-def _integer(text: str) -> int:
+def parse_integer(text: str) -> int:
+    """A 32-bit whole number, not negative, as librdkafka takes it; ValueError why not."""
     try:
         value = int(text)
     except ValueError:
@@ -499,14 +501,14 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "bootstrap.servers": (BOTH, "bootstrap_servers", lambda text: text.split(",")),
     "group.id": (CONSUMER, "group_id", str),
     "client.id": (BOTH, "client_id", str),
-    "request.timeout.ms": (BOTH, "request_timeout_ms", _integer),
-    "retry.backoff.ms": (BOTH, "retry_backoff_ms", _integer),
-    "reconnect.backoff.ms": (BOTH, "reconnect_backoff_ms", _integer),
-    "reconnect.backoff.max.ms": (BOTH, "reconnect_backoff_max_ms", _integer),
-    "metadata.max.age.ms": (BOTH, "metadata_max_age_ms", _integer),
-    "connections.max.idle.ms": (BOTH, "connections_max_idle_ms", _integer),
-    "socket.send.buffer.bytes": (BOTH, "send_buffer_bytes", _integer),
-    "socket.receive.buffer.bytes": (BOTH, "receive_buffer_bytes", _integer),
+    "request.timeout.ms": (BOTH, "request_timeout_ms", parse_integer),
+    "retry.backoff.ms": (BOTH, "retry_backoff_ms", parse_integer),
+    "reconnect.backoff.ms": (BOTH, "reconnect_backoff_ms", parse_integer),
+    "reconnect.backoff.max.ms": (BOTH, "reconnect_backoff_max_ms", parse_integer),
+    "metadata.max.age.ms": (BOTH, "metadata_max_age_ms", parse_integer),
+    "connections.max.idle.ms": (BOTH, "connections_max_idle_ms", parse_integer),
+    "socket.send.buffer.bytes": (BOTH, "send_buffer_bytes", parse_integer),
+    "socket.receive.buffer.bytes": (BOTH, "receive_buffer_bytes", parse_integer),
     "security.protocol": (BOTH, "security_protocol",
                           _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")),
     "ssl.ca.location": (BOTH, "ssl_cafile", str),
@@ -519,43 +521,105 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "sasl.mechanisms": (BOTH, "sasl_mechanism", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
     "sasl.username": (BOTH, "sasl_plain_username", str),
     "sasl.password": (BOTH, "sasl_plain_password", str),
-    "session.timeout.ms": (CONSUMER, "session_timeout_ms", _integer),
-    "heartbeat.interval.ms": (CONSUMER, "heartbeat_interval_ms", _integer),
-    "max.poll.interval.ms": (CONSUMER, "max_poll_interval_ms", _integer),
-    "fetch.wait.max.ms": (CONSUMER, "fetch_max_wait_ms", _integer),
-    "fetch.max.wait.ms": (CONSUMER, "fetch_max_wait_ms", _integer),
-    "fetch.min.bytes": (CONSUMER, "fetch_min_bytes", _integer),
-    "fetch.max.bytes": (CONSUMER, "fetch_max_bytes", _integer),
-    "max.partition.fetch.bytes": (CONSUMER, "max_partition_fetch_bytes", _integer),
-    "max.poll.records": (CONSUMER, "max_poll_records", _integer),
+    "session.timeout.ms": (CONSUMER, "session_timeout_ms", parse_integer),
+    "heartbeat.interval.ms": (CONSUMER, "heartbeat_interval_ms", parse_integer),
+    "max.poll.interval.ms": (CONSUMER, "max_poll_interval_ms", parse_integer),
+    "fetch.wait.max.ms": (CONSUMER, "fetch_max_wait_ms", parse_integer),
+    "fetch.max.wait.ms": (CONSUMER, "fetch_max_wait_ms", parse_integer),
+    "fetch.min.bytes": (CONSUMER, "fetch_min_bytes", parse_integer),
+    "fetch.max.bytes": (CONSUMER, "fetch_max_bytes", parse_integer),
+    "max.partition.fetch.bytes": (CONSUMER, "max_partition_fetch_bytes", parse_integer),
+    "max.poll.records": (CONSUMER, "max_poll_records", parse_integer),
     "auto.offset.reset": (CONSUMER, "auto_offset_reset", _offset_reset),
     "isolation.level": (CONSUMER, "isolation_level", _choice("read_uncommitted", "read_committed")),
     "check.crcs": (CONSUMER, "check_crcs", _boolean),
-    "linger.ms": (PRODUCER, "linger_ms", _integer),
-    "queue.buffering.max.ms": (PRODUCER, "linger_ms", _integer),
-    "batch.size": (PRODUCER, "batch_size", _integer),
+    "linger.ms": (PRODUCER, "linger_ms", parse_integer),
+    "queue.buffering.max.ms": (PRODUCER, "linger_ms", parse_integer),
+    "batch.size": (PRODUCER, "batch_size", parse_integer),
     "acks": (PRODUCER, "acks", _acks),
     "request.required.acks": (PRODUCER, "acks", _acks),
-    "message.max.bytes": (PRODUCER, "max_request_size", _integer),
-    "max.request.size": (PRODUCER, "max_request_size", _integer),
+    "message.max.bytes": (PRODUCER, "max_request_size", parse_integer),
+    "max.request.size": (PRODUCER, "max_request_size", parse_integer),
     "compression.type": (PRODUCER, "compression_type", _compression),
     "compression.codec": (PRODUCER, "compression_type", _compression),
-    "retries": (PRODUCER, "retries", _integer),
-    "message.send.max.retries": (PRODUCER, "retries", _integer),
+    "retries": (PRODUCER, "retries", parse_integer),
+    "message.send.max.retries": (PRODUCER, "retries", parse_integer),
     "max.in.flight.requests.per.connection": (PRODUCER, "max_in_flight_requests_per_connection",
-                                              _integer),
-    "delivery.timeout.ms": (PRODUCER, "delivery_timeout_ms", _integer),
-    "max.block.ms": (PRODUCER, "max_block_ms", _integer),
-    "message.timeout.ms": (PRODUCER, "delivery_timeout_ms", _integer),
+                                              parse_integer),
+    "delivery.timeout.ms": (PRODUCER, "delivery_timeout_ms", parse_integer),
+    "max.block.ms": (PRODUCER, "max_block_ms", parse_integer),
+    "message.timeout.ms": (PRODUCER, "delivery_timeout_ms", parse_integer),
+    "fetch.message.max.bytes": (CONSUMER, "max_partition_fetch_bytes", parse_integer),
+    "receive.message.max.bytes": (BOTH, "receive_message_max_bytes", parse_integer),
+    "allow.auto.create.topics": (BOTH, "allow_auto_create_topics", _boolean),
+    "client.dns.lookup": (BOTH, "client_dns_lookup", str),
+    "client.rack": (CONSUMER, "client_rack", str),
+    "group.instance.id": (CONSUMER, "group_instance_id", str),
+    "enable.idempotence": (PRODUCER, "enable_idempotence", _boolean),
+    "ssl.crl.location": (BOTH, "ssl_crlfile", str),  # applied in ssl_context()
+    "ssl.cipher.suites": (BOTH, "ssl_ciphers", str),
 }
 
 # Properties the server owns: accepting them would silently break its guarantees.
 RESERVED = {
     "enable.auto.commit": "the server commits offsets itself",
     "enable.auto.offset.store": "the server commits offsets itself",
+    "transactional.id": "the server does not produce in transactions",
+    "transaction.timeout.ms": "the server does not produce in transactions",
 }
 
+# Every other property librdkafka documents (its CONFIGURATION.md): a properties file written
+# for the Rust server or kcat carries them; kafka-python has no equivalent, so each is ignored
+# with a WARNING (ignored_properties) rather than refused.  A name in no table is a typo.
+LIBRDKAFKA_ONLY = frozenset("""
+api.version.fallback.ms api.version.request api.version.request.timeout.ms
+auto.commit.enable auto.commit.interval.ms background_event_cb batch.num.messages
+broker.address.family broker.address.ttl broker.version.fallback builtin.features
+closesocket_cb compression.level connect_cb consume.callback.max.messages consume_cb
+coordinator.query.interval.ms debug default_topic_conf delivery.report.only.error dr_cb
+dr_msg_cb enable.gapless.guarantee enable.metrics.push enable.partition.eof
+enable.random.seed enable.sasl.oauthbearer.unsecure.jwt enable.ssl.certificate.verification
+enabled_events error_cb fetch.error.backoff.ms fetch.queue.backoff.ms group.protocol
+group.protocol.type group.remote.assignor https.ca.location https.ca.pem interceptors
+internal.termination.signal log.connection.close log.queue log.thread.name log_cb log_level
+max.in.flight message.copy.max.bytes metadata.broker.list
+metadata.recovery.rebootstrap.trigger.ms metadata.recovery.strategy msg_order_cmp
+oauthbearer_token_refresh_cb offset.store.method offset.store.path
+offset.store.sync.interval.ms offset_commit_cb opaque open_cb partition.assignment.strategy
+partitioner partitioner_cb plugin.library.paths produce.offset.report
+queue.buffering.backpressure.threshold queue.buffering.max.kbytes
+queue.buffering.max.messages queued.max.messages.kbytes queued.min.messages queuing.strategy
+rebalance_cb reconnect.backoff.jitter.ms resolve_cb retry.backoff.max.ms
+sasl.kerberos.keytab sasl.kerberos.kinit.cmd sasl.kerberos.min.time.before.relogin
+sasl.kerberos.principal sasl.kerberos.service.name sasl.oauthbearer.assertion.algorithm
+sasl.oauthbearer.assertion.claim.aud sasl.oauthbearer.assertion.claim.exp.seconds
+sasl.oauthbearer.assertion.claim.iss sasl.oauthbearer.assertion.claim.jti.include
+sasl.oauthbearer.assertion.claim.nbf.seconds sasl.oauthbearer.assertion.claim.sub
+sasl.oauthbearer.assertion.file sasl.oauthbearer.assertion.jwt.template.file
+sasl.oauthbearer.assertion.private.key.file
+sasl.oauthbearer.assertion.private.key.passphrase sasl.oauthbearer.assertion.private.key.pem
+sasl.oauthbearer.client.credentials.client.id
+sasl.oauthbearer.client.credentials.client.secret sasl.oauthbearer.client.id
+sasl.oauthbearer.client.secret sasl.oauthbearer.config sasl.oauthbearer.extensions
+sasl.oauthbearer.grant.type sasl.oauthbearer.metadata.authentication.type
+sasl.oauthbearer.method sasl.oauthbearer.scope sasl.oauthbearer.token.endpoint.url
+socket.blocking.max.ms socket.connection.setup.timeout.ms socket.keepalive.enable
+socket.max.fails socket.nagle.disable socket.timeout.ms socket_cb ssl.ca.certificate.stores
+ssl.ca.pem ssl.certificate.pem ssl.certificate.verify_cb ssl.curves.list ssl.engine.id
+ssl.engine.location ssl.key.pem ssl.keystore.location ssl.keystore.password ssl.providers
+ssl.sigalgs.list ssl_ca ssl_certificate ssl_engine_callback_data ssl_key stats_cb
+sticky.partitioning.linger.ms throttle_cb topic.blacklist topic.metadata.propagation.max.ms
+topic.metadata.refresh.fast.cnt topic.metadata.refresh.fast.interval.ms
+topic.metadata.refresh.interval.ms topic.metadata.refresh.sparse
+""".split())
+
 SECRET_PROPERTIES = frozenset({"ssl.key.password", "sasl.password"})
+_SECRET = re.compile(r"password|secret|pem$|passphrase|token|credential|jaas|sasl\.oauthbearer")
+
+
+def is_secret(key: str) -> bool:
+    """A property whose value must never be shown (librdkafka has many: keys, PEMs, tokens)."""
+    return key in SECRET_PROPERTIES or bool(_SECRET.search(key))
 
 # The reference's environment variables, by the property each one sets.
 ENVIRONMENT = {
@@ -608,7 +672,7 @@ def infer_security(properties: Dict[str, str]) -> List[str]:
 
 def redacted(properties: Mapping[str, Any]) -> str:
     """``key=value, …`` with every secret shown as ``***``."""
-    return ", ".join(f"{key}={'***' if key in SECRET_PROPERTIES else value}"
+    return ", ".join(f"{key}={'***' if is_secret(key) else value}"
                      for key, value in sorted(properties.items()))
 
 
@@ -624,14 +688,22 @@ def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[s
         if key in RESERVED:
             problems.append(f"{key}: not settable here ({RESERVED[key]})")
             continue
+        if key in LIBRDKAFKA_ONLY and key.startswith(("ssl", "sasl", "enable.ssl")):
+            problems.append(f"{key}: a TLS/SASL setting kafka-python cannot honour (ignoring "
+                            "it could weaken the connection): remove it")
+            continue
+        if key in LIBRDKAFKA_ONLY:
+            continue  # ignored_properties() says so
         if key not in PROPERTIES:
-            problems.append(f"{key}: unknown property")
+            close = difflib.get_close_matches(key, list(PROPERTIES) + sorted(LIBRDKAFKA_ONLY), 1)
+            problems.append(f"{key}: unknown property" +
+                            (f" (did you mean {close[0]}?)" if close else ""))
             continue
         scope, argument, parse = PROPERTIES[key]
         try:
             value = parse(text)
         except ValueError as exc:
-            shown = "***" if key in SECRET_PROPERTIES else repr(text)
+            shown = "***" if is_secret(key) else repr(text)
             problems.append(f"{key}={shown}: {exc}")
             continue
         if scope in (CONSUMER, BOTH):
@@ -641,6 +713,36 @@ def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[s
     if problems:
         raise ValueError("; ".join(problems))
     return consumer, producer
+
+
+_WHY_IGNORED = {
+    "partition.assignment.strategy": "kafka-python's own assignors are used",
+    "partitioner": "the server picks each record's partition (the session rule)",
+    "auto.commit.interval.ms": "the server commits offsets itself",
+    "metadata.broker.list": "taken as bootstrap.servers",
+}
+
+
+def ignored_properties(properties: Iterable[str]) -> List[Tuple[str, str]]:
+    """(name, why) of each librdkafka property that kafka-python cannot honour."""
+    def why(key: str) -> str:
+        if key.endswith("_cb") or key in ("opaque", "default_topic_conf", "plugin.library.paths"):
+            return "a hook of librdkafka's C API"
+        if key == "debug" or key.startswith("log"):
+            return "the server's log level is --log-level"
+        return _WHY_IGNORED.get(key, "kafka-python has no such setting")
+    return [(key, why(key)) for key in properties if key in LIBRDKAFKA_ONLY]
+
+
+def unsupported(properties: Iterable[str]) -> List[str]:
+    """The properties the installed kafka client has no argument for (kafka-python-ng, the
+    archived fork, lacks a few that kafka-python has)."""
+    kafka = _import_kafka()
+    known = {CONSUMER: kafka.KafkaConsumer.DEFAULT_CONFIG,
+             PRODUCER: kafka.KafkaProducer.DEFAULT_CONFIG}
+    return [key for key in properties if key in PROPERTIES and any(
+        PROPERTIES[key][1] not in known[side] for side in (CONSUMER, PRODUCER)
+        if PROPERTIES[key][0] in (side, BOTH))]
 
 
 # --- security checks --------------------------------------------------------
@@ -674,6 +776,14 @@ def ssl_context(config: Mapping[str, Any]) -> Optional[ssl.SSLContext]:
         raise FatalKafkaError(f"ssl.ca.location {cafile} holds no usable PEM certificate "
                               f"({exc.reason})") from None
     context.check_hostname = config.get("ssl_check_hostname", True)
+    try:
+        if config.get("ssl_crlfile"):
+            context.load_verify_locations(config["ssl_crlfile"])
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if config.get("ssl_ciphers"):
+            context.set_ciphers(config["ssl_ciphers"])
+    except (OSError, ssl.SSLError) as exc:
+        raise FatalKafkaError(f"ssl.crl.location / ssl.cipher.suites: {exc}") from None
     if certfile:
         password = config.get("ssl_password")
 
@@ -806,8 +916,10 @@ class KafkaTransport:
                  properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
                  dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
                  poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
-                 reply_topic_pattern: Optional[str] = None):
+                 reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None):
+        """``stats_topic``: None without statistics, "" for statistics only logged."""
         self.input_topic = input_topic
+        self.stats_topic = stats_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
@@ -851,6 +963,10 @@ class KafkaTransport:
         self._close_deadline = 0.0
         self._closed = threading.Event()
         self.ready = threading.Event()  # set while the partitions and positions are known
+        self.counts: "collections.Counter[str]" = collections.Counter()  # since start
+        self._stats_topic_ok = False  # looked up once, when ready
+        self._partitions: List[Dict[str, Any]] = []  # the consumer thread's last look
+        self._looked = 0.0
 
     # Public API --------------------------------------------------------
 
@@ -908,8 +1024,29 @@ class KafkaTransport:
             if "method" not in message:  # only the reply itself answers the correlation
                 headers.extend(route.correlation)
         topic = route.topic or self.output_topic
-        self._produce(_Send(topic, key, value, headers, done, route.session, route.partition,
-                            (topic, route.session if route.partition is None else route.partition)))
+        send = _Send(topic, key, value, headers, done, route.session, route.partition,
+                     (topic, route.session if route.partition is None else route.partition))
+        send.reply = "method" not in message
+        self._produce(send)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters, pause state, unacknowledged sends and, per input partition, position,
+        committed offset and lag (behind the high watermark of the last fetch)."""
+        return dict(self.counts, paused=self._paused, unacknowledged=self._unacked,
+                    partitions=self._partitions)
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        """Produce one statistics record to the stats topic, if it exists; dropped, not
+        retried, when that fails: the next one follows soon, and replies must not wait."""
+        producer = self._producer
+        if producer is not None and self._stats_topic_ok:
+            try:
+                producer.send(self.stats_topic, key=key, value=value).add_errback(
+                    lambda error: self._invalid_log.warning(
+                        log, "cannot send statistics to %s: %s", self.stats_topic, error))
+            except Exception as exc:
+                self._invalid_log.warning(log, "cannot send statistics to %s: %s",
+                                          self.stats_topic, exc)
 
     def shutdown(self) -> None:
         """Stop taking new records; the loop returns within one poll interval."""
@@ -997,6 +1134,7 @@ class KafkaTransport:
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
             self._unacked -= 1
+            self.counts["replied"] += send.reply
         if send.producer is self._producer:
             self._producer_failing_since = None
         send.done()
@@ -1006,6 +1144,7 @@ class KafkaTransport:
             # Sending it again cannot work: give it up, or its offset would never commit.
             log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
                       error)
+            send.reply = False  # not counted as replied
             self._acknowledged(send)
             return
         if send.producer is self._producer and send.producer is not None:
@@ -1017,6 +1156,7 @@ class KafkaTransport:
         log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
                     _shown(send.key), send.topic, error, send.attempt, delay)
         with self._lock:
+            self.counts["send_retries"] += 1
             # Its session's later records wait behind it, in their order.
             lane = self._held.setdefault(send.lane, [])
             if not any(held is send for held in lane):
@@ -1180,12 +1320,31 @@ class KafkaTransport:
                 continue
             if not self.ready.is_set() and consumer.assignment():
                 self._announce_ready()
+            if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
+                self._look(consumer)
             for partition, records in batches.items():
+                self.counts["received"] += len(records)
                 dones = self._offsets.taken(partition, [record.offset for record in records])
                 for record, done in zip(records, dones):
                     self._take(partition, record, done)
             self._offer_backlog()
             self._commit()
+
+    def _look(self, consumer: Any) -> None:
+        """Positions and lag for stats(): read here, the one thread the consumer allows."""
+        self._looked = time.monotonic()
+        looks = []
+        try:
+            for tp in sorted(consumer.assignment()):
+                position, end = consumer.position(tp), consumer.highwater(tp)
+                looks.append({"partition": tp.partition, "position": position,
+                              "committed": self._offsets.committed(tp),
+                              "lag": None if end is None or position is None else
+                              end - position})
+        except Exception as exc:  # a rebalance under way, say: the next look will do
+            log.debug("statistics: cannot read the input positions: %r", exc)
+            return
+        self._partitions = looks
 
     def _take(self, partition: Any, record: Any, done: Done) -> None:
         value = record.value or b""
@@ -1244,6 +1403,7 @@ class KafkaTransport:
             self._paused = False
 
     def _reject(self, record: Any, error: InvalidMessage, done: Done) -> None:
+        self.counts["invalid"] += 1
         self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
                                   "offset %d: %s", record.topic, record.partition,
                                   record.offset, error.reason)
@@ -1258,6 +1418,7 @@ class KafkaTransport:
             # A record with neither key nor value cannot be produced as is: keep it, empty.
             value = record.value if record.value is not None or record.key is not None else b""
             sends.append(_Send(self.dead_letter_topic, record.key, value, headers, nothing))
+            self.counts["dead_lettered"] += 1
         if not sends and error.id is None:
             done()
             return
@@ -1277,6 +1438,12 @@ class KafkaTransport:
                       _fallback_route(record.key, record.headers))
 
     def _announce_ready(self) -> None:
+        if self.stats_topic and not self._stats_topic_ok:  # once, on this thread: it may block
+            try:
+                self._stats_topic_ok = bool(self._producer.partitions_for(self.stats_topic))
+            except Exception as exc:
+                log.warning("stats topic %s is unknown to the brokers (%s): statistics are only "
+                            "logged", self.stats_topic, exc)
         consumer = self._consumer
         # position() resolves the committed or reset offset now, so under "latest" a
         # record produced after the ready line is never skipped.
@@ -1348,7 +1515,7 @@ class _Send:
     """One record to produce, with what to call once the broker has it."""
 
     __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
-                 "attempt", "due", "seq", "transport", "producer")
+                 "attempt", "due", "seq", "transport", "producer", "reply")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done,
@@ -1367,6 +1534,7 @@ class _Send:
         self.seq = 0
         self.transport: Any = None
         self.producer: Any = None  # the producer of the last attempt
+        self.reply = False  # answers a request (counted as replied once acknowledged)
 
     def __lt__(self, other: "_Send") -> bool:  # for bisect: send order
         return self.seq < other.seq
@@ -1427,6 +1595,10 @@ class OffsetTracker:
                 if again or self._asked.get(partition) != point:
                     points[partition] = self._asked[partition] = point
             return points
+
+    def committed(self, partition: Any) -> Optional[int]:
+        """The last commit point handed out (None: none since the partition came)."""
+        return self._asked.get(partition)
 
     def commit_failed(self, points: Mapping[Any, int]) -> None:
         with self._lock:

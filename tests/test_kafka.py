@@ -220,3 +220,66 @@ def test_kafka_rpc_script_times_out_without_a_server(topics):
          "--timeout", "2", json.dumps(NOOP)], capture_output=True, timeout=60)
     assert out.returncode == 1
     assert b"no reply within 2 s for id(s) 1" in out.stderr
+
+
+def test_statistics_lines_and_topic(topics, client, start_server):
+    """-X statistics.interval.ms: one INFO line of JSON counts, also on --stats-topic."""
+    from conftest import local_broker, read_topic
+    stats_topic = topics.output + ".stats"
+    local_broker.create_topics(topics.bootstrap, [stats_topic])
+    server = start_server(topics.server_args(
+        *BUILTIN, "-X", "statistics.interval.ms=300", "--stats-topic", stats_topic)).wait_ready()
+    for n in range(3):
+        client.send({"id": n, "method": "noop"})
+    client.send(b"{not json")
+    for n in range(3):
+        client.reply(n)
+    time.sleep(1.5)
+    records = read_topic(topics.bootstrap, stats_topic, 1)
+    assert records and records[0].key == b"codex-app-server", records
+    last = json.loads(read_topic(topics.bootstrap, stats_topic, len(records))[-1].value)
+    assert last["received"] == 4 and last["replied"] == 3 and last["invalid"] == 1, last
+    assert last["queue"] == 0 and last["in_flight"] == 0 and last["paused"] is False, last
+    assert last["unacknowledged"] == 0 and last["dead_lettered"] == 0, last
+    assert last["partitions"] == [{"partition": 0, "position": 4, "committed": 4, "lag": 0}], last
+    lines = [line for line in server.log.splitlines() if " INFO " in line and "stats: {" in line]
+    assert lines and json.loads(lines[-1].split("stats: ", 1)[1])["received"] == 4, lines[-3:]
+    assert "not json" not in server.log.split("stats: ")[-1]  # counts, never payloads
+    assert server.stop() == 0
+
+
+def test_statistics_settings_are_checked(start_server, topics):
+    for extra, said in ((["-X", "statistics.interval.ms=soon"],
+                         "statistics.interval.ms='soon': expected a whole number"),
+                        (["-X", "statistics.interval.ms=-5"], "must not be negative"),
+                        (["--stats-topic", "s"], "--stats-topic needs -X statistics.interval.ms"),
+                        (["-X", "statistics.interval.ms=100", "--stats-topic", topics.input],
+                         "--stats-topic must differ from the input, output and dead-letter")):
+        server = start_server(topics.server_args(*BUILTIN, *extra))
+        assert server.process.wait(10) == 2
+        assert said in server.log, server.log
+
+
+def test_statistics_show_the_lag_while_paused(topics, client, start_server):
+    server = start_server(topics.server_args(
+        *BUILTIN, "--builtin-delay", "0.2", "--queue-size", "2",
+        "-X", "statistics.interval.ms=200", "-X", "max.poll.records=5")).wait_ready()
+    for n in range(60):
+        client.producer.send(topics.input, value=json.dumps({"id": n, "method": "noop"}).encode())
+    client.producer.flush(10)
+
+    def last_stats():
+        lines = [line.split("stats: ", 1)[1] for line in server.log.splitlines()
+                 if "stats: {" in line]
+        return json.loads(lines[-1]) if lines else None
+    deadline = time.monotonic() + 20
+    while True:
+        stats = last_stats()
+        if stats and stats["paused"] and stats["partitions"][0]["lag"]:
+            break
+        assert time.monotonic() < deadline, server.log[-3000:]
+        time.sleep(0.1)
+    (partition,) = stats["partitions"]
+    assert partition["position"] + partition["lag"] == 60, stats  # the rest is unread
+    assert stats["received"] == partition["position"], stats
+    assert server.stop() == 0

@@ -174,3 +174,53 @@ def test_shutdown_answers_what_codex_still_owes(codex_server):
     assert reply["error"]["code"] == -32603, reply
     assert "shutting down" in reply["error"]["message"], reply
     assert server.process.wait(WAIT) == 0, server.log
+
+
+# --- issue 13: request deadlines, shutdown drains turns -----------------------------
+
+def test_a_request_codex_does_not_answer_in_time_gets_an_error(codex_server, topics, client):
+    server = codex_server(topics, "--request-timeout", "1")
+    initialize(client, 1)
+    client.send({"id": 2, "method": "command/exec",
+                 "params": {"command": ["sleep", "3"], "timeoutMs": 20000}})
+    reply = client.reply(2, WAIT)[1]
+    assert reply["error"] == {"code": -32603, "message": "request timed out after 1 s"}, reply
+    assert "command/exec request (id 2) timed out after 1 s (--request-timeout)" in server.log
+    server.wait_for_log("dropping codex's late answer to command/exec (id 2)", timeout=WAIT)
+    assert [v for _, v in client.seen if v.get("id") == 2] == [reply]  # not answered twice
+    assert request(client, 3, "command/exec", {"command": ["echo", "on"]})["stdout"] == "on\n"
+    # Its offset was committed with the error: a restart does not take it again.
+    assert server.stop() == 0
+    codex_server(topics, "--request-timeout", "1")
+    client.quiet(3.0)
+    assert [v for _, v in client.seen if v.get("id") == 2] == [reply], client.seen[-5:]
+
+
+def start_turn(client: KafkaClient, mock_model, deltas: int, delay: float) -> str:
+    mock_model.add_text("".join(f"d{n} " for n in range(deltas)), n_deltas=deltas,
+                        delta_delay_s=delay)
+    initialize(client, 1)
+    thread = request(client, 2, "thread/start", {})["thread"]["id"]
+    request(client, 3, "turn/start", {"threadId": thread, "input": text_input("go")})
+    client.wait_for(lambda k, v: v.get("method") == "item/agentMessage/delta", WAIT)
+    return thread
+
+
+def test_sigterm_lets_a_running_turn_finish(codex_server, topics, client, mock_model):
+    server = codex_server(topics)
+    thread = start_turn(client, mock_model, deltas=15, delay=0.2)
+    server.process.send_signal(signal.SIGTERM)
+    done = notification(client, "turn/completed", threadId=thread)
+    assert done["turn"]["status"] == "completed", done
+    assert server.process.wait(WAIT) == 0, server.log
+
+
+def test_a_turn_past_the_shutdown_timeout_is_interrupted(codex_server, topics, client,
+                                                         mock_model):
+    server = codex_server(topics, "--shutdown-timeout", "1")
+    thread = start_turn(client, mock_model, deltas=100, delay=0.2)
+    server.process.send_signal(signal.SIGTERM)
+    done = notification(client, "turn/completed", threadId=thread)
+    assert done["turn"]["status"] == "interrupted", done
+    assert server.process.wait(WAIT) == 0, server.log
+    assert "interrupting 1 running turns" in server.log

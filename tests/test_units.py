@@ -321,13 +321,36 @@ def test_client_config_hides_secret_values_in_errors():
     assert "negative" in str(info.value)
 
 
-def test_every_property_maps_to_a_real_kafka_python_argument():
+def _refuses(key, value):
+    try:
+        rpc.client_config({key: value})
+        return False
+    except ValueError:
+        return True
+
+
+def test_every_property_maps_to_a_real_argument_or_is_refused_up_front(capsys):
+    import kafka
     from kafka import KafkaConsumer, KafkaProducer
+    missing = rpc.unsupported(rpc.PROPERTIES)
     for key, (scope, argument, _) in rpc.PROPERTIES.items():
+        if key in missing:
+            continue
         if scope in (rpc.CONSUMER, rpc.BOTH):
             assert argument in KafkaConsumer.DEFAULT_CONFIG, key
         if scope in (rpc.PRODUCER, rpc.BOTH):
             assert argument in KafkaProducer.DEFAULT_CONFIG, key
+    if int(kafka.__version__.split(".")[0]) >= 3:
+        assert missing == []  # kafka-python itself has them all
+    else:
+        assert missing  # kafka-python-ng 2.2 lacks isolation_level, say
+    for key in missing:  # named at start-up (exit 2), not a crash when the consumer starts
+        with pytest.raises(SystemExit) as exit_info:
+            value = next(v for v in ("read_committed", "true", "1000", "x")
+                         if not _refuses(key, v))
+            parse(kafka_argv() + ["-X", f"{key}={value}"])
+        assert exit_info.value.code == 2
+        assert f"{key}: not supported by the installed kafka client" in capsys.readouterr().err
 
 
 # --- builtin backend -----------------------------------------------------------
@@ -735,3 +758,47 @@ def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state()
     assert reopened[0]["params"] == init["params"]
     wait_for(lambda: len(transport.sent) == 3, "no reply to the reopened session")
     assert transport.sent[-1] == {"id": 3, "result": {}}
+
+
+def test_librdkafka_only_properties_are_ignored_with_a_reason_and_typos_refused(capsys,
+                                                                               tmp_path):
+    config = tmp_path / "kcat.properties"  # as written for the Rust server or kcat
+    config.write_text("socket.keepalive.enable=true\napi.version.request=true\n"
+                      "enable.partition.eof=false\nlog_level=6\ndebug=cgrp\n"
+                      "statistics.interval.ms=60000\nsession.timeout.ms=10000\n")
+    args = parse(kafka_argv() + ["--kafka-config", str(config)])
+    assert args.stats_interval == 60.0
+    ignored = dict(rpc.ignored_properties(args.kafka_properties))
+    assert ignored == {"socket.keepalive.enable": "kafka-python has no such setting",
+                       "api.version.request": "kafka-python has no such setting",
+                       "enable.partition.eof": "kafka-python has no such setting",
+                       "log_level": "the server's log level is --log-level",
+                       "debug": "the server's log level is --log-level"}, ignored
+    consumer, _ = rpc.client_config(args.kafka_properties)
+    assert consumer["session_timeout_ms"] == 10000 and "debug" not in consumer
+    with pytest.raises(SystemExit):
+        parse(kafka_argv() + ["-X", "sesion.timeout.ms=1000"])
+    assert "sesion.timeout.ms: unknown property (did you mean session.timeout.ms?)" in \
+        capsys.readouterr().err
+    assert {"socket.keepalive.enable", "queued.min.messages", "ssl.ca.pem",
+            "partition.assignment.strategy"} <= rpc.LIBRDKAFKA_ONLY
+    assert not rpc.LIBRDKAFKA_ONLY & (set(rpc.PROPERTIES) | set(rpc.RESERVED))
+
+
+def test_librdkafka_secrets_aliases_and_tls_settings(capsys):
+    shown = rpc.redacted({"sasl.oauthbearer.client.secret": "s3cr3t", "ssl.key.pem": "-----BEGIN",
+                          "ssl.keystore.password": "hunter2", "linger.ms": "5"})
+    assert "s3cr3t" not in shown and "BEGIN" not in shown and "hunter2" not in shown, shown
+    assert "linger.ms=5" in shown
+    args = parse(["--kafka-input-topic", "in", "--kafka-output-topic", "out",
+                  "--kafka-group-id", "g", "-X", "metadata.broker.list=h:9092",
+                  "-X", "fetch.message.max.bytes=2048"])
+    consumer, producer = rpc.client_config(args.kafka_properties)
+    assert consumer["bootstrap_servers"] == ["h:9092"]
+    assert consumer["max_partition_fetch_bytes"] == 2048
+    for setting in ("ssl.ca.pem=x", "enable.ssl.certificate.verification=false",
+                    "transactional.id=t"):
+        with pytest.raises(SystemExit):
+            parse(kafka_argv() + ["-X", setting])
+        err = capsys.readouterr().err
+        assert setting.split("=")[0] in err and ("cannot honour" in err or "transactions" in err)
