@@ -11,10 +11,12 @@ goes straight back to the transport with the route it came with.  A shutdown
 Event stops intake, the processor drains, backends finish, then transports
 flush, commit and close.
 
-Sections: command line; server (``Server``, ``SystemdNotifier``, ``Processor``,
-``MethodPolicy``); stdio
-(``StdioTransport``, ``LineReader``); backends (``BuiltinBackend``,
-``CodexBackend`` and its ``CodexChild``).
+Sections: command line; server (``Server`` with its statistics line,
+``SystemdNotifier``, ``Processor``, ``MethodPolicy``); stdio (``StdioTransport``,
+``LineReader``); backends: ``BuiltinBackend``, and the Codex backend: one
+``CodexProcess`` (``codex app-server --listen unix://``) per server, a
+``Session`` per client with its own ``CodexConnection`` (a WebSocket),
+``SessionPool`` bounding them, ``CodexBackend`` per transport.
 """
 
 import argparse

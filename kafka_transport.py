@@ -14,11 +14,12 @@ Sections, in reading order (each one concern):
   Spring, SmallRye, NestJS and FastStream name a reply topic, partition,
   correlation).
 * Client configuration: ``client_config`` maps librdkafka/Java property names
-  (``-X key=value``) onto kafka-python's keyword arguments.
+  (``-X key=value``) onto kafka-python's keyword arguments; the rest of librdkafka's
+  names are known (``LIBRDKAFKA_ONLY``), so a typo is told from a setting to ignore.
 * Security checks: TLS and SASL failures named up front (exit 3).
 * The transport: ``KafkaTransport`` consumes the input topic into a caller's
   sink (the processor) and produces what answers it where its route says, at
-  least once and in order per session.
+  least once and in order per session; ``stats()`` counts what it did.
 """
 
 import bisect
