@@ -75,8 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.allow_method or args.deny_method else None
     server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
                     queue_size=args.queue_size, max_message_bytes=args.max_message_bytes,
-                    policy=policy, stats_interval=args.stats_interval,
-                    stats_topic=getattr(args, "stats_topic", None))
+                    policy=policy, stats_interval=args.stats_interval)
     if args.kafka:
         server.add_kafka(args)
     if args.stdio:
@@ -228,13 +227,9 @@ def parse_args(parser: argparse.ArgumentParser,
     args.kafka_inferred = rpc.infer_security(properties)
     try:
         rpc.client_config(properties)
-        missing = rpc.unsupported(properties)
+        rpc.check_supported(properties)
     except ValueError as exc:
         parser.error(f"Kafka client properties: {exc}")
-    if missing:
-        import kafka
-        parser.error(f"Kafka client properties: {', '.join(missing)}: not supported by the "
-                     f"installed kafka client ({kafka.__name__} {kafka.__version__})")
     args.kafka_properties = properties
     args.kafka_connect_timeout = 30.0 if args.kafka_connect_timeout is None \
         else args.kafka_connect_timeout
@@ -353,11 +348,9 @@ class Server:
     def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
                  queue_size: int = 1000,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 policy: Optional["MethodPolicy"] = None, stats_interval: float = 0.0,
-                 stats_topic: Optional[str] = None):
+                 policy: Optional["MethodPolicy"] = None, stats_interval: float = 0.0):
         self.shutdown_event = threading.Event()
         self.stats_interval = stats_interval
-        self.stats_topic = stats_topic
         self.shutdown_timeout = shutdown_timeout
         self.max_message_bytes = max_message_bytes
         self.processor = Processor(backend_factory, queue_size, policy)
@@ -365,7 +358,6 @@ class Server:
         self._signals = 0
         self._signalled = 0  # the first signal's number
         self._failed = 0  # the exit status a failed transport asks for
-        self.stats_client: Optional[str] = None
 
     def add_kafka(self, args: argparse.Namespace) -> None:
         if args.kafka_inferred:
@@ -382,7 +374,6 @@ class Server:
             reply_topic_pattern=args.kafka_reply_topic_pattern,
             stats_topic=(args.stats_topic or "") if args.stats_interval else None)
         self.transports.append(transport)
-        self.stats_client = args.kafka_properties.get("client.id")
 
     def add_stdio(self) -> None:
         self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
@@ -474,23 +465,19 @@ class Server:
     def _report_stats(self) -> None:
         """One INFO line ``stats: {...}`` (and a record on the stats topic): what an operator
         needs without Kafka's tools.  Payload-free: counts only."""
-        stats: Dict[str, Any] = {"queue": self.processor.queued()}
+        stats: Dict[str, Any] = dict(queue=self.processor.queued(), sessions=0, in_flight=0,
+                                     codex_restarts=0)
         for part in self.processor.stats():
             for name, value in part.items():
-                stats[name] = stats.get(name, 0) + value if name != "codex_restarts" else value
-        for name in ("sessions", "in_flight", "codex_restarts"):
-            stats.setdefault(name, 0)
-        for transport in self.transports:
-            if isinstance(transport, rpc.KafkaTransport):
-                stats.update(transport.stats())
-                for name in ("received", "replied", "invalid", "dead_lettered", "send_retries"):
-                    stats.setdefault(name, 0)
+                stats[name] = stats[name] + value if name != "codex_restarts" else value
+        kafka = [transport for transport in self.transports
+                 if isinstance(transport, rpc.KafkaTransport)]
+        for transport in kafka:
+            stats.update(transport.stats())
         line = json.dumps(stats, separators=(",", ":"), sort_keys=True)
         log.info("stats: %s", line)
-        for transport in self.transports:
-            if self.stats_topic and isinstance(transport, rpc.KafkaTransport):
-                client = self.stats_client or "codex-app-server"
-                transport.publish(client.encode(), line.encode())
+        for transport in kafka:
+            transport.publish(line.encode())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1

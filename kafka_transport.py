@@ -735,15 +735,18 @@ def ignored_properties(properties: Iterable[str]) -> List[Tuple[str, str]]:
     return [(key, why(key)) for key in properties if key in LIBRDKAFKA_ONLY]
 
 
-def unsupported(properties: Iterable[str]) -> List[str]:
-    """The properties the installed kafka client has no argument for (kafka-python-ng, the
-    archived fork, lacks a few that kafka-python has)."""
+def check_supported(properties: Iterable[str]) -> None:
+    """ValueError naming the properties the installed kafka client has no argument for
+    (kafka-python-ng, the archived fork, lacks a few that kafka-python has)."""
     kafka = _import_kafka()
     known = {CONSUMER: kafka.KafkaConsumer.DEFAULT_CONFIG,
              PRODUCER: kafka.KafkaProducer.DEFAULT_CONFIG}
-    return [key for key in properties if key in PROPERTIES and any(
+    missing = [key for key in properties if key in PROPERTIES and any(
         PROPERTIES[key][1] not in known[side] for side in (CONSUMER, PRODUCER)
         if PROPERTIES[key][0] in (side, BOTH))]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: not supported by the installed kafka client "
+                         f"({kafka.__name__} {kafka.__version__})")
 
 
 # --- security checks --------------------------------------------------------
@@ -964,7 +967,8 @@ class KafkaTransport:
         self._close_deadline = 0.0
         self._closed = threading.Event()
         self.ready = threading.Event()  # set while the partitions and positions are known
-        self.counts: "collections.Counter[str]" = collections.Counter()  # since start
+        self.counts = collections.Counter(dict.fromkeys(  # since start
+            ("received", "replied", "invalid", "dead_lettered", "send_retries"), 0))
         self._stats_topic_ok = False  # looked up once, when ready
         self._partitions: List[Dict[str, Any]] = []  # the consumer thread's last look
         self._looked = 0.0
@@ -1036,18 +1040,20 @@ class KafkaTransport:
         return dict(self.counts, paused=self._paused, unacknowledged=self._unacked,
                     partitions=self._partitions)
 
-    def publish(self, key: bytes, value: bytes) -> None:
-        """Produce one statistics record to the stats topic, if it exists; dropped, not
-        retried, when that fails: the next one follows soon, and replies must not wait."""
+    def publish(self, value: bytes) -> None:
+        """Produce one statistics record to the stats topic (keyed by the client id), if it
+        exists; dropped, not retried, when that fails: the next one follows soon, and
+        replies must not wait behind it."""
+        def failed(error: Any) -> None:
+            self._invalid_log.warning(log, "cannot send statistics to %s: %s",
+                                      self.stats_topic, error)
         producer = self._producer
         if producer is not None and self._stats_topic_ok:
             try:
-                producer.send(self.stats_topic, key=key, value=value).add_errback(
-                    lambda error: self._invalid_log.warning(
-                        log, "cannot send statistics to %s: %s", self.stats_topic, error))
+                key = self._producer_config.get("client_id", "codex-app-server").encode()
+                producer.send(self.stats_topic, key=key, value=value).add_errback(failed)
             except Exception as exc:
-                self._invalid_log.warning(log, "cannot send statistics to %s: %s",
-                                          self.stats_topic, exc)
+                failed(exc)
 
     def shutdown(self) -> None:
         """Stop taking new records; the loop returns within one poll interval."""
