@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", metavar="N", type=_positive_int, default=1000,
                         help="sessions (Kafka record keys, and stdio) holding a connection to "
                              "Codex at once; the least recently used idle one is closed to make "
-                             "room, and with none idle a request gets -32001 (default: 1000)")
+                             "room; with none idle for a second, a request gets -32001 "
+                             "(default: 1000)")
     parser.add_argument("--session-idle-timeout", metavar="SECONDS", type=_seconds,
                         default=600.0,
                         help="close a session's connection to Codex after this long without "
@@ -1072,7 +1073,13 @@ class CodexBackend(Backend):
             if self._closed:
                 failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
             else:
+                # Every session busy: one is often done within milliseconds (a burst of new
+                # clients, each initializing), so wait a little before refusing.
                 admitted, closing = self._pool.admit(session)
+                wait_until = time.monotonic() + SESSION_WAIT
+                while not admitted and time.monotonic() < wait_until and not self._closed:
+                    self._lock.wait(wait_until - time.monotonic())
+                    admitted, closing = self._pool.admit(session)
                 if not admitted:
                     failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
                                f"{self._pool.max_sessions} sessions (--max-sessions) is busy; "
@@ -1234,6 +1241,7 @@ class CodexBackend(Backend):
 
 SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
 SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
+SESSION_WAIT = 1.0  # seconds a new session waits for an idle one to close, at --max-sessions
 SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
 # Ids of Codex's requests as the clients see them, never reused, also across restarts: they
 # start at the boot time in microseconds (a late answer from before a restart finds nothing),

@@ -3,6 +3,7 @@ the server's one ``codex app-server --listen``; its records in one partition, in
 following the reply topic it names; limits on open sessions; a restarted Codex or a
 closed connection replays the session's state.  Real broker, real Codex, mock model."""
 
+import json
 import os
 import signal
 import subprocess
@@ -224,3 +225,27 @@ def test_a_turn_past_the_shutdown_timeout_is_interrupted(codex_server, topics, c
     assert done["turn"]["status"] == "interrupted", done
     assert server.process.wait(WAIT) == 0, server.log
     assert "interrupting 1 running turns" in server.log
+
+
+def test_a_burst_of_new_sessions_waits_for_room_instead_of_being_refused(codex_server, topics):
+    """At --max-sessions, each new client is busy only for its initialize: the next one
+    waits for it (up to a second) rather than getting -32001."""
+    codex_server(topics, "--max-sessions", "3")
+    reader = KafkaClient(topics, every_session=True)
+    try:
+        for n in range(30):
+            reader.producer.send(topics.input, key=f"burst-{n}".encode(), value=json.dumps(
+                {"id": n, "method": "initialize", "params": {"clientInfo": CLIENT_INFO}}
+            ).encode())
+        reader.producer.flush(10)
+        replies = {}
+        deadline = time.monotonic() + 60
+        while len(replies) < 30 and time.monotonic() < deadline:
+            for _, value in reader.poll():
+                if "method" not in value:
+                    replies[value["id"]] = value
+        assert sorted(replies) == list(range(30)), sorted(replies)
+        refused = [reply for reply in replies.values() if "error" in reply]
+        assert refused == [], refused[:3]
+    finally:
+        reader.close()
