@@ -689,12 +689,11 @@ def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[s
         if key in RESERVED:
             problems.append(f"{key}: not settable here ({RESERVED[key]})")
             continue
-        if key in LIBRDKAFKA_ONLY and key.startswith(("ssl", "sasl", "enable.ssl")):
-            problems.append(f"{key}: a TLS/SASL setting kafka-python cannot honour (ignoring "
-                            "it could weaken the connection): remove it")
+        if key in LIBRDKAFKA_ONLY:  # ignored (ignored_properties() says so), unless TLS/SASL
+            if key.startswith(("ssl", "sasl", "enable.ssl")):
+                problems.append(f"{key}: a TLS/SASL setting kafka-python cannot honour "
+                                "(ignoring it could weaken the connection): remove it")
             continue
-        if key in LIBRDKAFKA_ONLY:
-            continue  # ignored_properties() says so
         if key not in PROPERTIES:
             close = difflib.get_close_matches(key, list(PROPERTIES) + sorted(LIBRDKAFKA_ONLY), 1)
             problems.append(f"{key}: unknown property" +
