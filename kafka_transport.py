@@ -92,7 +92,8 @@ def decode(data: bytes, max_depth: Optional[int] = MAX_DEPTH) -> Message:
     try:
         value = _STRICT.decode(text)
     except _Unsafe as exc:
-        raise InvalidMessage(f"not strict JSON: {exc}", PARSE_ERROR, id=_lenient_id(text)) from None
+        raise InvalidMessage(f"not strict JSON: {exc}", PARSE_ERROR,
+                             id=_safe_id(_lenient(text))) from None
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
                              PARSE_ERROR) from None
@@ -131,12 +132,10 @@ def peek(data: bytes, complete: bool = True) -> Tuple[Optional[str], Any]:
     shows: a ``complete`` payload is read leniently; of a payload's first bytes only an id
     that stands before any nested value counts ({"method":"m","id":7,"params":...)."""
     if complete:
-        try:
-            value = _LENIENT.decode(data.decode("utf-8", "replace"))
-        except (ValueError, RecursionError):
-            value = None
-        if isinstance(value, dict) and _safe_id(value) is not None:
-            return (REQUEST if "method" in value else RESPONSE), _safe_id(value)
+        value = _lenient(data.decode("utf-8", "replace"))
+        msg_id = _safe_id(value)
+        if msg_id is not None:
+            return (REQUEST if "method" in value else RESPONSE), msg_id
     match = _LEADING_ID.match(data[:4096])
     if not match:
         return None, None
@@ -150,16 +149,15 @@ def peek(data: bytes, complete: bool = True) -> Tuple[Optional[str], Any]:
 
 
 def validate(value: Any) -> None:
-    """Raise InvalidMessage unless ``value`` is a JSON-RPC request, notification, response or error."""
+    """InvalidMessage unless ``value`` is a JSON-RPC request, notification, response or error."""
     if not isinstance(value, dict):
         raise InvalidMessage(f"a JSON-RPC message must be an object, not {_json_type(value)}")
     has_id = "id" in value
     msg_id = value.get("id")
-    id_ok = _valid_id(msg_id)
-    answer_id = msg_id if has_id and id_ok and msg_id is not None else None
+    answer_id = msg_id if isinstance(msg_id, str) or _is_int(msg_id) else None
     if "jsonrpc" in value and value["jsonrpc"] != "2.0":
         raise InvalidMessage('"jsonrpc" must be "2.0"', id=answer_id)
-    if has_id and not id_ok:
+    if msg_id is not None and answer_id is None:
         raise InvalidMessage(f'"id" must be a string or an integer, not {_json_type(msg_id)}')
     if "method" in value:
         if not isinstance(value["method"], str):
@@ -175,7 +173,8 @@ def validate(value: Any) -> None:
         if not has_id:
             raise InvalidMessage('a response needs an "id"')
         if "result" in value and "error" in value:
-            raise InvalidMessage('a response must not carry both "result" and "error"', id=answer_id)
+            raise InvalidMessage('a response must not carry both "result" and "error"',
+                                 id=answer_id)
         if "error" in value:
             error = value["error"]
             if not (isinstance(error, dict) and _is_int(error.get("code"))
@@ -237,10 +236,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _valid_id(value: Any) -> bool:
-    return value is None or isinstance(value, str) or _is_int(value)
-
-
 _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
                str: "a string", list: "an array", dict: "an object"}
 
@@ -282,17 +277,15 @@ def _bounded_int(text: str) -> int:
 
 _STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float,
                            parse_int=_bounded_int)
-_UNUSABLE = object()
-# Reads past what _STRICT refuses, only to find the id to answer.
-_LENIENT = json.JSONDecoder(parse_constant=lambda name: _UNUSABLE,
-                            parse_float=lambda text: _UNUSABLE,
-                            parse_int=lambda text: _UNUSABLE if len(text) >= _DOUBLE_DIGITS
+# Reads past what _STRICT refuses, only to find the id to answer (a float, NaN or an
+# integer beyond a double is never one).
+_LENIENT = json.JSONDecoder(parse_int=lambda text: None if len(text) >= _DOUBLE_DIGITS
                             else int(text))
 
 
-def _lenient_id(text: str) -> Any:
+def _lenient(text: str) -> Any:
     try:
-        return _safe_id(_LENIENT.decode(text))
+        return _LENIENT.decode(text)
     except (ValueError, RecursionError):
         return None
 
