@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 log = logging.getLogger("kafka_transport")
 
@@ -467,8 +467,12 @@ def parse_integer(text: str) -> int:
     return value
 
 
-def _one_of(choices: Mapping[str, Any]) -> Callable[[str], Any]:
-    """A parser accepting the keys of ``choices`` and returning their values."""
+def _one_of(choices: Union[str, Mapping[str, Any]]) -> Callable[[str], Any]:
+    """A parser accepting the keys of ``choices`` and returning their values (names in a
+    string, space-separated, stand for themselves)."""
+    if isinstance(choices, str):
+        choices = {name: name for name in choices.split()}
+
     def parse(text: str) -> Any:
         if text not in choices:
             raise ValueError("expected one of " + ", ".join(choices))
@@ -476,17 +480,7 @@ def _one_of(choices: Mapping[str, Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    return _one_of({name: name for name in allowed})
-
-
 _boolean = _one_of({"true": True, "false": False})
-_acks = _one_of({"all": "all", "-1": "all", "0": 0, "1": 1})
-_offset_reset = _one_of({"earliest": "earliest", "smallest": "earliest", "latest": "latest",
-                         "largest": "latest"})
-_compression = _one_of({"none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4",
-                        "zstd": "zstd"})
-
 
 CONSUMER, PRODUCER, BOTH = "consumer", "producer", "both"
 
@@ -504,46 +498,39 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "socket.send.buffer.bytes": (BOTH, "send_buffer_bytes", parse_integer),
     "socket.receive.buffer.bytes": (BOTH, "receive_buffer_bytes", parse_integer),
     "security.protocol": (BOTH, "security_protocol",
-                          _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")),
+                          _one_of("PLAINTEXT SSL SASL_PLAINTEXT SASL_SSL")),
     "ssl.ca.location": (BOTH, "ssl_cafile", str),
     "ssl.certificate.location": (BOTH, "ssl_certfile", str),
     "ssl.key.location": (BOTH, "ssl_keyfile", str),
     "ssl.key.password": (BOTH, "ssl_password", str),
     "ssl.endpoint.identification.algorithm": (BOTH, "ssl_check_hostname",
                                               _one_of({"https": True, "none": False})),
-    "sasl.mechanism": (BOTH, "sasl_mechanism", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
-    "sasl.mechanisms": (BOTH, "sasl_mechanism", _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
+    "sasl.mechanism": (BOTH, "sasl_mechanism", _one_of("PLAIN SCRAM-SHA-256 SCRAM-SHA-512")),
     "sasl.username": (BOTH, "sasl_plain_username", str),
     "sasl.password": (BOTH, "sasl_plain_password", str),
     "session.timeout.ms": (CONSUMER, "session_timeout_ms", parse_integer),
     "heartbeat.interval.ms": (CONSUMER, "heartbeat_interval_ms", parse_integer),
     "max.poll.interval.ms": (CONSUMER, "max_poll_interval_ms", parse_integer),
     "fetch.wait.max.ms": (CONSUMER, "fetch_max_wait_ms", parse_integer),
-    "fetch.max.wait.ms": (CONSUMER, "fetch_max_wait_ms", parse_integer),
     "fetch.min.bytes": (CONSUMER, "fetch_min_bytes", parse_integer),
     "fetch.max.bytes": (CONSUMER, "fetch_max_bytes", parse_integer),
     "max.partition.fetch.bytes": (CONSUMER, "max_partition_fetch_bytes", parse_integer),
     "max.poll.records": (CONSUMER, "max_poll_records", parse_integer),
-    "auto.offset.reset": (CONSUMER, "auto_offset_reset", _offset_reset),
-    "isolation.level": (CONSUMER, "isolation_level", _choice("read_uncommitted", "read_committed")),
+    "auto.offset.reset": (CONSUMER, "auto_offset_reset", _one_of({
+        "earliest": "earliest", "smallest": "earliest", "latest": "latest", "largest": "latest"})),
+    "isolation.level": (CONSUMER, "isolation_level", _one_of("read_uncommitted read_committed")),
     "check.crcs": (CONSUMER, "check_crcs", _boolean),
     "linger.ms": (PRODUCER, "linger_ms", parse_integer),
-    "queue.buffering.max.ms": (PRODUCER, "linger_ms", parse_integer),
     "batch.size": (PRODUCER, "batch_size", parse_integer),
-    "acks": (PRODUCER, "acks", _acks),
-    "request.required.acks": (PRODUCER, "acks", _acks),
+    "acks": (PRODUCER, "acks", _one_of({"all": "all", "-1": "all", "0": 0, "1": 1})),
     "message.max.bytes": (PRODUCER, "max_request_size", parse_integer),
-    "max.request.size": (PRODUCER, "max_request_size", parse_integer),
-    "compression.type": (PRODUCER, "compression_type", _compression),
-    "compression.codec": (PRODUCER, "compression_type", _compression),
+    "compression.type": (PRODUCER, "compression_type", _one_of({
+        "none": None, "gzip": "gzip", "snappy": "snappy", "lz4": "lz4", "zstd": "zstd"})),
     "retries": (PRODUCER, "retries", parse_integer),
-    "message.send.max.retries": (PRODUCER, "retries", parse_integer),
     "max.in.flight.requests.per.connection": (PRODUCER, "max_in_flight_requests_per_connection",
                                               parse_integer),
     "delivery.timeout.ms": (PRODUCER, "delivery_timeout_ms", parse_integer),
     "max.block.ms": (PRODUCER, "max_block_ms", parse_integer),
-    "message.timeout.ms": (PRODUCER, "delivery_timeout_ms", parse_integer),
-    "fetch.message.max.bytes": (CONSUMER, "max_partition_fetch_bytes", parse_integer),
     "receive.message.max.bytes": (BOTH, "receive_message_max_bytes", parse_integer),
     "allow.auto.create.topics": (BOTH, "allow_auto_create_topics", _boolean),
     "client.dns.lookup": (BOTH, "client_dns_lookup", str),
@@ -553,6 +540,16 @@ PROPERTIES: Dict[str, Tuple[str, str, Callable[[str], Any]]] = {
     "ssl.crl.location": (BOTH, "ssl_crlfile", str),  # applied in ssl_context()
     "ssl.cipher.suites": (BOTH, "ssl_ciphers", str),
 }
+
+# The other names of those properties (librdkafka's older ones, or Java's).
+ALIASES = {
+    "sasl.mechanisms": "sasl.mechanism", "fetch.max.wait.ms": "fetch.wait.max.ms",
+    "queue.buffering.max.ms": "linger.ms", "request.required.acks": "acks",
+    "max.request.size": "message.max.bytes", "compression.codec": "compression.type",
+    "message.send.max.retries": "retries", "message.timeout.ms": "delivery.timeout.ms",
+    "fetch.message.max.bytes": "max.partition.fetch.bytes",
+}
+PROPERTIES.update((alias, PROPERTIES[name]) for alias, name in ALIASES.items())
 
 # Properties the server owns: accepting them would silently break its guarantees.
 RESERVED = {
@@ -607,13 +604,13 @@ topic.metadata.refresh.fast.cnt topic.metadata.refresh.fast.interval.ms
 topic.metadata.refresh.interval.ms topic.metadata.refresh.sparse
 """.split())
 
-SECRET_PROPERTIES = frozenset({"ssl.key.password", "sasl.password"})
 _SECRET = re.compile(r"password|secret|pem$|passphrase|token|credential|jaas|sasl\.oauthbearer")
 
 
 def is_secret(key: str) -> bool:
     """A property whose value must never be shown (librdkafka has many: keys, PEMs, tokens)."""
-    return key in SECRET_PROPERTIES or bool(_SECRET.search(key))
+    return bool(_SECRET.search(key))
+
 
 # The reference's environment variables, by the property each one sets.
 ENVIRONMENT = {
@@ -671,10 +668,8 @@ def redacted(properties: Mapping[str, Any]) -> str:
 
 
 def client_config(properties: Mapping[str, str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Map ``{property: text}`` onto (consumer kwargs, producer kwargs).
-
-    Raises ValueError naming every unknown key or bad value, never a secret value.
-    """
+    """(consumer kwargs, producer kwargs) for ``{property: text}``; ValueError naming every
+    unknown key or bad value, never a secret value."""
     consumer: Dict[str, Any] = {}
     producer: Dict[str, Any] = {}
     problems = []
@@ -751,9 +746,8 @@ class FatalKafkaError(Exception):
 
 
 def ssl_context(config: Mapping[str, Any]) -> Optional[ssl.SSLContext]:
-    """The TLS context for kafka-python's ``ssl_context``, or None without TLS.
-
-    Building it here loads every file and the key password once, up front."""
+    """The TLS context for kafka-python's ``ssl_context`` (every file and the key password
+    loaded once, up front), or None without TLS."""
     if config.get("security_protocol") not in ("SSL", "SASL_SSL"):
         return None
     cafile, certfile, keyfile = (config.get(name) for name in
@@ -761,9 +755,8 @@ def ssl_context(config: Mapping[str, Any]) -> Optional[ssl.SSLContext]:
     for prop, path in (("ssl.ca.location", cafile), ("ssl.certificate.location", certfile),
                        ("ssl.key.location", keyfile)):
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            problem = "does not exist" if not os.path.exists(path) else \
-                "is not a readable file"
-            raise FatalKafkaError(f"{prop} {path} {problem}")
+            raise FatalKafkaError(f"{prop} {path} " + ("is not a readable file"
+                                  if os.path.exists(path) else "does not exist"))
     if keyfile and not certfile:
         raise FatalKafkaError("ssl.key.location is set without ssl.certificate.location")
     try:
