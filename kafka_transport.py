@@ -943,9 +943,7 @@ class KafkaTransport:
         self._seq = 0  # send order
         # reply topic -> (until when known, problem or "", its partitions)
         self._reply_topics: Dict[str, Tuple[float, str, Any]] = {}
-        self._partition_cache: Dict[Tuple[str, bytes], Tuple[int, int]] = {}
         self._unroutable_log = LogThrottle()
-        self._murmur2: Any = None  # kafka-python's murmur2, set on connect
         self._unacked = 0  # sends not yet acknowledged, retries included
         self._shutdown = threading.Event()
         self._close_requested = threading.Event()
@@ -1014,10 +1012,9 @@ class KafkaTransport:
             if "method" not in message:  # only the reply itself answers the correlation
                 headers.extend(route.correlation)
         topic = route.topic or self.output_topic
-        send = _Send(topic, key, value, headers, done, route.session, route.partition,
-                     (topic, route.session if route.partition is None else route.partition))
-        send.reply = "method" not in message
-        self._produce(send)
+        self._produce(_Send(topic, key, value, headers, done, route.session, route.partition,
+                            (topic, route.session if route.partition is None
+                             else route.partition), reply="method" not in message))
 
     def stats(self) -> Dict[str, Any]:
         """Counters, pause state, unacknowledged sends and, per input partition, position,
@@ -1056,7 +1053,6 @@ class KafkaTransport:
     def _produce(self, send: "_Send", first: bool = True) -> bool:
         """Hand ``send`` to the producer; False when that failed at once (it is then held
         for a retry).  A first attempt whose lane holds earlier sends waits behind them."""
-        send.transport = self
         if first:
             with self._lock:
                 self._unacked += 1
@@ -1072,33 +1068,15 @@ class KafkaTransport:
         try:
             partition = send.partition
             if partition is None and send.lane is not None:
-                partition = self._session_partition(producer, send.topic, send.session)
+                partition = _session_partition(producer, send.topic, send.session)
             future = producer.send(send.topic, value=send.value, key=send.key,
                                    headers=send.headers, partition=partition)
         except Exception as exc:
             self._failed(send, exc)
             return False
-        future.add_callback(send.acknowledged)
-        future.add_errback(send.failed)
+        future.add_callback(lambda metadata: self._acknowledged(send))
+        future.add_errback(lambda error: self._failed(send, error))
         return True
-
-    def _session_partition(self, producer: Any, topic: str, session: Optional[bytes]) -> int:
-        """The partition of ``session`` in ``topic``: what Java's and kafka-python's default
-        partitioner pick for its key, so a client can compute it; 0 for the default one."""
-        if session is None:
-            return 0
-        partitions = producer.partitions_for(topic)  # kept fresh by kafka-python's metadata
-        if not partitions:
-            raise LookupError(f"no partitions known for {topic}")
-        count = len(partitions)
-        cached = self._partition_cache.get((topic, session))
-        if cached is not None and cached[0] == count:
-            return cached[1]
-        partition = (self._murmur2(session) & 0x7FFFFFFF) % count
-        if len(self._partition_cache) > 10000:
-            self._partition_cache.clear()
-        self._partition_cache[(topic, session)] = (count, partition)
-        return partition
 
     def _reply_topic_problem(self, route: Route) -> str:
         """Why ``route``'s reply topic cannot take records, or "".  The first look at a
@@ -1235,8 +1213,6 @@ class KafkaTransport:
     def _connect(self) -> bool:
         kafka = _import_kafka()
         errors = kafka.errors
-        from kafka.partitioner.default import murmur2
-        self._murmur2 = murmur2
         self._fatal_errors = tuple(getattr(errors, name) for name in (
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
             if hasattr(errors, name))
@@ -1507,12 +1483,12 @@ class _Send:
     """One record to produce, with what to call once the broker has it."""
 
     __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
-                 "attempt", "due", "seq", "transport", "producer", "reply")
+                 "reply", "attempt", "due", "seq", "producer")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done,
                  session: Optional[bytes] = None, partition: Optional[int] = None,
-                 lane: Any = None):
+                 lane: Any = None, reply: bool = False):
         self.topic = topic
         self.key = key
         self.value = value
@@ -1521,22 +1497,14 @@ class _Send:
         self.session = session
         self.partition = partition  # None: the session's (or, without a lane, the key's)
         self.lane = lane  # what it keeps its order within; None: kafka-python partitions it
+        self.reply = reply  # answers a request (counted as replied once acknowledged)
         self.attempt = 0
         self.due = 0.0
         self.seq = 0
-        self.transport: Any = None
         self.producer: Any = None  # the producer of the last attempt
-        self.reply = False  # answers a request (counted as replied once acknowledged)
 
     def __lt__(self, other: "_Send") -> bool:  # for bisect: send order
         return self.seq < other.seq
-
-    # Future callbacks: bound methods, so no closure is made per record.
-    def acknowledged(self, metadata: Any) -> None:
-        self.transport._acknowledged(self)
-
-    def failed(self, error: Any) -> None:
-        self.transport._failed(self, error)
 
 
 class OffsetTracker:
@@ -1625,6 +1593,23 @@ def _close_producer(producer: Any, timeout: float) -> None:
         producer.close(timeout=timeout)
     except Exception as exc:
         log.warning("kafka producer closed with sends still open: %s", exc)
+
+
+def _session_partition(producer: Any, topic: str, session: Optional[bytes]) -> int:
+    """The partition of ``session`` in ``topic``: what Java's and kafka-python's default
+    partitioner pick for its key, so a client can compute it; 0 for the default one."""
+    if session is None:
+        return 0
+    partitions = producer.partitions_for(topic)  # kept fresh by kafka-python's metadata
+    if not partitions:
+        raise LookupError(f"no partitions known for {topic}")
+    return _murmur2(session) % len(partitions)
+
+
+@functools.lru_cache(maxsize=10000)  # a session sends many records; murmur2 is pure Python
+def _murmur2(key: bytes) -> int:
+    from kafka.partitioner.default import murmur2
+    return murmur2(key) & 0x7FFFFFFF
 
 
 def _shown(key: Optional[bytes]) -> str:
