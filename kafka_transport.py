@@ -941,8 +941,8 @@ class KafkaTransport:
         # Per lane (topic + session or named partition): failed sends, then those behind them.
         self._held: Dict[Any, List[_Send]] = {}
         self._seq = 0  # send order
-        # reply topic -> (until when known, problem or "", its partitions)
-        self._reply_topics: Dict[str, Tuple[float, str, Any]] = {}
+        # reply topic -> (until when known, its partitions or why it has none)
+        self._reply_topics: Dict[str, Tuple[float, Any]] = {}
         self._unroutable_log = LogThrottle()
         self._unacked = 0  # sends not yet acknowledged, retries included
         self._shutdown = threading.Event()
@@ -975,14 +975,14 @@ class KafkaTransport:
         """Produce one message where its ``route`` says, keyed by its id (unkeyed without).
 
         The topic is the route's reply topic, else the output topic; the partition the
-        route's, else the session's (murmur2 of its key, as Java and kafka-python pick
-        for that key; 0 for the default session), so all of a session's records keep
-        their order.  A keyed session's records carry the ``codex-session`` header, a
-        reply its request's correlation headers.  Retried until the broker acknowledges
-        it (or the shutdown deadline), and never overtaken by a later record of its
-        session that was not yet handed to the producer; then ``done`` runs.  A reply
-        over ``max_message_bytes`` becomes an error reply.
+        route's, else the session's (murmur2 of its key, as Java and kafka-python pick it;
+        0 for the default session), so a session's records keep their order.  A keyed
+        session's records carry the ``codex-session`` header, a reply its request's
+        correlation headers.  Retried until the broker acknowledges it (or the shutdown
+        deadline), never overtaken by a later record of its session not yet handed to the
+        producer; then ``done`` runs.  A reply over ``max_message_bytes`` becomes an error.
         """
+        reply = "method" not in message
         if route.topic is not None and self._producer is not None:
             problem = self._reply_topic_problem(route)
             if problem:
@@ -990,31 +990,26 @@ class KafkaTransport:
                                              "to %s as an error", _shown(route.session),
                                              route.topic, problem, kind(message),
                                              self.output_topic)
-                if "id" not in message or "method" in message:
+                if not reply or "id" not in message:
                     done()  # a notification or Codex's request: nobody to tell but the log
                     return
                 message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
                                          f"{route.topic} {problem}: the reply cannot go there")
                 route = Route(route.session, correlation=route.correlation)
+        key = reply_key(message)
         value = encode_reply(message)
+        if value is not None and len(value) > self.max_message_bytes:
+            value = self._too_large(message, key, len(value))
         if value is None:
             done()
             return
-        key = reply_key(message)
-        if len(value) > self.max_message_bytes:
-            value = self._too_large(message, key, len(value))
-            if value is None:
-                done()
-                return
-        headers = None
-        if route.session is not None or route.correlation:
-            headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
-            if "method" not in message:  # only the reply itself answers the correlation
-                headers.extend(route.correlation)
+        headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
+        if reply:  # only the reply itself answers the correlation
+            headers.extend(route.correlation)
         topic = route.topic or self.output_topic
-        self._produce(_Send(topic, key, value, headers, done, route.session, route.partition,
-                            (topic, route.session if route.partition is None
-                             else route.partition), reply="method" not in message))
+        lane = (topic, route.session if route.partition is None else route.partition)
+        self._produce(_Send(topic, key, value, headers or None, done, route.session,
+                            route.partition, lane, reply))
 
     def stats(self) -> Dict[str, Any]:
         """Counters, pause state, unacknowledged sends and, per input partition, position,
@@ -1083,23 +1078,22 @@ class KafkaTransport:
         topic may wait for its metadata (up to max.block.ms); what was found is kept for a
         minute."""
         now = time.monotonic()
-        known = self._reply_topics.get(route.topic)
-        if known is not None and known[0] > now:
-            problem, partitions = known[1], known[2]
-        else:
-            problem, partitions = "", frozenset()
+        until, known = self._reply_topics.get(route.topic, (0.0, ""))
+        if until <= now:
             try:
-                partitions = frozenset(self._producer.partitions_for(route.topic) or ())
-                if not partitions:
-                    problem = "has no partitions"
+                known = frozenset(self._producer.partitions_for(route.topic) or ())
             except Exception as exc:
-                problem = f"is unknown to the brokers ({type(exc).__name__})"
+                known = f"is unknown to the brokers ({type(exc).__name__})"
             if len(self._reply_topics) > 10000:
                 self._reply_topics.clear()
-            self._reply_topics[route.topic] = (now + 60.0, problem, partitions)
-        if not problem and route.partition is not None and route.partition not in partitions:
-            problem = f"has no partition {route.partition}"
-        return problem
+            self._reply_topics[route.topic] = (now + 60.0, known)
+        if isinstance(known, str):
+            return known
+        if not known:
+            return "has no partitions"
+        if route.partition is not None and route.partition not in known:
+            return f"has no partition {route.partition}"
+        return ""
 
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
@@ -1137,13 +1131,11 @@ class KafkaTransport:
         own fatal state, or failures with no acknowledgement for PRODUCER_STUCK_SECONDS."""
         if isinstance(error, self._fatal_errors):
             return f"fatal error {type(error).__name__}"
-        manager = getattr(producer, "_transaction_manager", None)  # kafka-python 3
-        has_fatal = getattr(manager, "has_fatal_error", None)
         try:
-            if callable(has_fatal) and has_fatal():
+            if producer._transaction_manager.has_fatal_error():
                 return f"kafka-python marked it failed ({error})"
         except Exception:
-            pass
+            pass  # a kafka client without that mark (kafka-python 3 has it)
         now = time.monotonic()
         if self._producer_failing_since is None:
             self._producer_failing_since = now
@@ -1154,8 +1146,6 @@ class KafkaTransport:
     def _resend_failed(self, replace: bool = True) -> None:
         if self._producer_broken and replace and time.monotonic() >= self._replace_after:
             self._replace_producer()
-        if not self._held:
-            return
         now = time.monotonic()
         with self._lock:
             due = [lane for lane, sends in self._held.items() if sends[0].due <= now]
@@ -1163,23 +1153,20 @@ class KafkaTransport:
         for lane in due:
             # One at a time from the front, the lane kept while it drains: a first attempt
             # arriving meanwhile still queues behind.  A send that fails again stops it.
+            # (Only this thread takes from a lane, so a lane in _held is never empty.)
             while budget > 0:
-                with self._lock:
-                    sends = self._held.get(lane)
-                    if not sends:
-                        self._held.pop(lane, None)
-                        break
-                    send = sends[0]
                 budget -= 1
-                handed = self._produce(send, first=False)
                 with self._lock:
-                    sends = self._held.get(lane)
-                    if handed and sends and sends[0] is send:
-                        sends.pop(0)
-                    if sends is not None and not sends:
-                        del self._held[lane]
-                if not handed:
+                    send = self._held[lane][0]
+                if not self._produce(send, first=False):
                     break
+                with self._lock:
+                    sends = self._held[lane]
+                    if sends[0] is send:
+                        sends.pop(0)
+                    if not sends:
+                        del self._held[lane]
+                        break
 
     def _replace_producer(self) -> None:
         # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
@@ -1449,17 +1436,14 @@ class KafkaTransport:
         while time.monotonic() < self._close_deadline:
             # No new producer now: making one may take longer than the time left.
             self._resend_failed(replace=False)
-            with self._lock:
-                if not self._unacked:
-                    break
+            if not self._unacked:
+                break
             try:
                 self._producer.flush(timeout=0.2)
             except Exception:
                 pass  # flush timing out only means sends are still in flight
-        with self._lock:
-            if self._unacked:
-                log.warning("shutdown timeout: %d messages not acknowledged by kafka",
-                            self._unacked)
+        if self._unacked:
+            log.warning("shutdown timeout: %d messages not acknowledged by kafka", self._unacked)
         _close_producer(self._producer, 1)
         log.info("committing kafka offsets")
         self._commit(sync=True, force=True)
