@@ -863,9 +863,6 @@ class _ClientLog(logging.Handler):
             return "the broker rejected the credentials (its SCRAM answer carried an error)"
         return message
 
-    def cause(self) -> Optional[str]:
-        return self.messages[0] if self.messages else None
-
 
 # --- the transport --------------------------------------------------------
 
@@ -1123,7 +1120,7 @@ class KafkaTransport:
             self.counts["send_retries"] += 1
             # Its session's later records wait behind it, in their order.
             lane = self._held.setdefault(send.lane, [])
-            if not any(held is send for held in lane):
+            if send not in lane:  # (a retry that failed again is still in it)
                 bisect.insort(lane, send)
 
     def _why_fatal(self, error: Any, producer: Any) -> Optional[str]:
@@ -1235,26 +1232,23 @@ class KafkaTransport:
                             f"SASL {self._consumer_config.get('sasl_mechanism')} login as "
                             f"{self._consumer_config.get('sasl_plain_username')!r} failed: "
                             f"{cause}") from None
-                    cause = client_log.cause() or str(exc)
+                    cause = client_log.messages[0] if client_log.messages else str(exc)
             if self._consumer is not None:
-                break
-            if self._producer is not None:
-                _close_producer(self._producer, 0)
-                self._producer = None
+                self._consumer.subscribe([self.input_topic],
+                                         listener=_rebalance_listener(kafka, self))
+                log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
+                         self._consumer_config["group_id"])
+                return True
+            _close_producer(self._producer, 0)
+            self._producer = None
             if not _RETRYABLE.search(cause) and time.monotonic() > deadline:
                 raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
                                       f"--kafka-connect-timeout: {cause}")
             log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
                         ",".join(servers), attempt, cause, delay)
-            if self._shutdown.wait(delay):
-                return False
+            self._shutdown.wait(delay)
             delay = min(delay * 2, 30.0)
-        else:
-            return False
-        self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
-        log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
-                 self._consumer_config["group_id"])
-        return True
+        return False
 
     def _consume(self) -> None:
         consumer = self._consumer
@@ -1362,7 +1356,8 @@ class KafkaTransport:
         self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
                                   "offset %d: %s", record.topic, record.partition,
                                   record.offset, error.reason)
-        sends = []
+        if self.dead_letter_topic and error.id is not None:
+            done = _after(2, done)  # the record is done once both sends are acknowledged
         if self.dead_letter_topic:
             headers = [("__connect.errors.topic", record.topic.encode()),
                        ("__connect.errors.partition", str(record.partition).encode()),
@@ -1372,25 +1367,13 @@ class KafkaTransport:
                         error.reason.encode("utf-8", "replace"))]
             # A record with neither key nor value cannot be produced as is: keep it, empty.
             value = record.value if record.value is not None or record.key is not None else b""
-            sends.append(_Send(self.dead_letter_topic, record.key, value, headers, nothing))
             self.counts["dead_lettered"] += 1
-        if not sends and error.id is None:
-            done()
-            return
-        remaining = [len(sends) + (error.id is not None)]
-
-        def one_done() -> None:
-            with self._lock:
-                remaining[0] -= 1
-                finished = remaining[0] == 0
-            if finished:
-                done()
-        for send in sends:
-            send.done = one_done
-            self._produce(send)
+            self._produce(_Send(self.dead_letter_topic, record.key, value, headers, done))
         if error.id is not None:  # on the output topic: the record's reply topic may be why
-            self.send(error_response(error.id, error.code, error.reason), one_done,
+            self.send(error_response(error.id, error.code, error.reason), done,
                       _fallback_route(record.key, record.headers))
+        elif not self.dead_letter_topic:
+            done()
 
     def _announce_ready(self) -> None:
         if self.stats_topic and not self._stats_topic_ok:  # once, on this thread: it may block
@@ -1594,6 +1577,20 @@ def _session_partition(producer: Any, topic: str, session: Optional[bytes]) -> i
 def _murmur2(key: bytes) -> int:
     from kafka.partitioner.default import murmur2
     return murmur2(key) & 0x7FFFFFFF
+
+
+def _after(count: int, done: Done) -> Done:
+    """A ``done`` that runs ``done`` at its ``count``-th call (from whichever thread)."""
+    lock = threading.Lock()
+    calls = [0]
+
+    def one_done() -> None:
+        with lock:
+            calls[0] += 1
+            last = calls[0] == count
+        if last:
+            done()
+    return one_done
 
 
 def _shown(key: Optional[bytes]) -> str:
