@@ -1,25 +1,24 @@
 """Kafka transport and JSON-RPC envelopes for codex-app-server.
 
-This module knows Kafka and the JSON-RPC 2.0 envelope, nothing of Codex.  It
-imports kafka-python only when a ``KafkaTransport`` is built, so the envelope
-functions work on a host without kafka-python (stdio-only use).
+This module knows Kafka and the JSON-RPC 2.0 envelope, nothing of Codex.  It imports
+kafka-python only when a ``KafkaTransport`` is built, so the envelope functions work on a
+host without kafka-python (stdio-only use).
 
 Sections, in reading order (each one concern):
 
-* JSON-RPC envelopes: ``decode`` (strict JSON) / ``encode`` / ``encode_reply``
-  / ``kind`` / ``reply_key`` / ``error_response`` / ``oversized``, shared by
-  every transport, and ``LogThrottle`` for their warnings.
-* Routes: ``Route`` / ``parse_route``, where a message came from and where its
-  answers go (the record key is the session; the request-reply headers of
-  Spring, SmallRye, NestJS and FastStream name a reply topic, partition,
-  correlation).
-* Client configuration: ``client_config`` maps librdkafka/Java property names
-  (``-X key=value``) onto kafka-python's keyword arguments; the rest of librdkafka's
-  names are known (``LIBRDKAFKA_ONLY``), so a typo is told from a setting to ignore.
+* JSON-RPC envelopes: ``decode`` (strict JSON) / ``encode`` / ``encode_reply`` / ``kind``
+  / ``reply_key`` / ``error_response`` / ``oversized``, shared by every transport, and
+  ``LogThrottle`` for their warnings.
+* Routes: ``Route`` / ``parse_route``, where a message came from and where its answers go
+  (the record key is the session; the request-reply headers of Spring, SmallRye, NestJS
+  and FastStream name a reply topic, partition, correlation).
+* Client configuration: ``client_config`` maps librdkafka/Java property names (and their
+  ``ALIASES``) onto kafka-python's keyword arguments; the rest of librdkafka's names are
+  known (``LIBRDKAFKA_ONLY``), so a typo is told from a setting to ignore.
 * Security checks: TLS and SASL failures named up front (exit 3).
-* The transport: ``KafkaTransport`` consumes the input topic into a caller's
-  sink (the processor) and produces what answers it where its route says, at
-  least once and in order per session; ``stats()`` counts what it did.
+* The transport: ``KafkaTransport`` consumes the input topic into a caller's sink (the
+  processor) and produces what answers it where its route says, at least once and in
+  order per session; ``stats()`` counts what it did.
 """
 
 import bisect
@@ -51,22 +50,16 @@ INTERNAL_ERROR = -32603
 # deeper nesting here, with one.
 MAX_DEPTH = 100
 
-REQUEST = "request"
-NOTIFICATION = "notification"
-RESPONSE = "response"
-ERROR = "error"
+REQUEST, NOTIFICATION, RESPONSE, ERROR = "request", "notification", "response", "error"
 
 Message = Dict[str, Any]
 
 
 class InvalidMessage(ValueError):
-    """A payload that is not one usable JSON-RPC message.
-
-    ``id`` is the request id when one could be recovered (so the sender can be
-    answered), else None; ``code`` is the JSON-RPC error code to answer with.
-    ``answers`` is the id an unusable *response* answers (so whoever waits for
-    it can be told), when ``oversized`` could recover one.
-    """
+    """A payload that is not one usable JSON-RPC message: ``id`` is the request id when one
+    could be recovered (so the sender can be answered), else None; ``code`` the JSON-RPC
+    error code to answer with; ``answers`` the id an unusable *response* answers (so
+    whoever waits for it can be told), when ``oversized`` could recover one."""
 
     def __init__(self, reason: str, code: int = INVALID_REQUEST, id: Any = None,
                  answers: Any = None):
@@ -79,10 +72,9 @@ class InvalidMessage(ValueError):
 
 def decode(data: bytes, max_depth: Optional[int] = MAX_DEPTH) -> Message:
     """Parse one payload into a validated JSON-RPC message, or raise InvalidMessage.
-
-    Strict: only what any JSON parser takes, so whatever is accepted here can be
-    encoded again and forwarded (NaN, Infinity, numbers beyond a double, lone
-    surrogates and nesting deeper than ``max_depth`` are refused)."""
+    Strict: only what any JSON parser takes, so whatever is accepted can be encoded again
+    and forwarded (NaN, Infinity, numbers beyond a double, lone surrogates and nesting
+    deeper than ``max_depth`` are refused)."""
     if not data:
         raise InvalidMessage("empty payload", PARSE_ERROR)
     try:
@@ -369,13 +361,10 @@ _ROUTING_HEADERS = frozenset(CORRELATION_HEADERS + REPLY_TOPIC_HEADERS + REPLY_P
 
 
 class Route:
-    """Where a message came from and where what answers it goes.
-
-    ``session`` is the client's record key (None: the default session);
-    ``topic`` and ``partition`` the reply topic and partition it asked for (None:
-    the output topic, and the session's partition there); ``correlation`` the
-    headers to echo on the reply to this very message.
-    """
+    """Where a message came from and where what answers it goes: ``session`` is the
+    client's record key (None: the default session); ``topic`` and ``partition`` the reply
+    topic and partition it asked for (None: the output topic, and the session's partition
+    there); ``correlation`` the headers to echo on the reply to this very message."""
 
     __slots__ = ("session", "topic", "partition", "correlation")
 
