@@ -409,10 +409,7 @@ def parse_route(key: Optional[bytes], headers: Optional[Iterable[Tuple[str, byte
 
 
 def _reply_topic(name: str, value: bytes, allowed: Optional["re.Pattern[str]"]) -> str:
-    try:
-        topic = value.decode("ascii")
-    except UnicodeDecodeError:
-        topic = ""
+    topic = value.decode("ascii", "replace")  # (U+FFFD is no topic name character)
     if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
         raise InvalidMessage(f"header {name}: {value[:100]!r} is not a Kafka topic name")
     if allowed is not None and not allowed.fullmatch(topic):
@@ -552,42 +549,39 @@ RESERVED = {
 # for the Rust server or kcat carries them; kafka-python has no equivalent, so each is ignored
 # with a WARNING (ignored_properties) rather than refused.  A name in no table is a typo.
 LIBRDKAFKA_ONLY = frozenset("""
-api.version.fallback.ms api.version.request api.version.request.timeout.ms
-auto.commit.enable auto.commit.interval.ms background_event_cb batch.num.messages
-broker.address.family broker.address.ttl broker.version.fallback builtin.features
-closesocket_cb compression.level connect_cb consume.callback.max.messages consume_cb
-coordinator.query.interval.ms debug default_topic_conf delivery.report.only.error dr_cb
-dr_msg_cb enable.gapless.guarantee enable.metrics.push enable.partition.eof
-enable.random.seed enable.sasl.oauthbearer.unsecure.jwt enable.ssl.certificate.verification
-enabled_events error_cb fetch.error.backoff.ms fetch.queue.backoff.ms group.protocol
-group.protocol.type group.remote.assignor https.ca.location https.ca.pem interceptors
-internal.termination.signal log.connection.close log.queue log.thread.name log_cb log_level
-max.in.flight message.copy.max.bytes metadata.broker.list
+api.version.fallback.ms api.version.request api.version.request.timeout.ms auto.commit.enable
+auto.commit.interval.ms background_event_cb batch.num.messages broker.address.family
+broker.address.ttl broker.version.fallback builtin.features closesocket_cb compression.level
+connect_cb consume.callback.max.messages consume_cb coordinator.query.interval.ms debug
+default_topic_conf delivery.report.only.error dr_cb dr_msg_cb enable.gapless.guarantee
+enable.metrics.push enable.partition.eof enable.random.seed enable.sasl.oauthbearer.unsecure.jwt
+enable.ssl.certificate.verification enabled_events error_cb fetch.error.backoff.ms
+fetch.queue.backoff.ms group.protocol group.protocol.type group.remote.assignor https.ca.location
+https.ca.pem interceptors internal.termination.signal log.connection.close log.queue
+log.thread.name log_cb log_level max.in.flight message.copy.max.bytes metadata.broker.list
 metadata.recovery.rebootstrap.trigger.ms metadata.recovery.strategy msg_order_cmp
-oauthbearer_token_refresh_cb offset.store.method offset.store.path
-offset.store.sync.interval.ms offset_commit_cb opaque open_cb partition.assignment.strategy
-partitioner partitioner_cb plugin.library.paths produce.offset.report
-queue.buffering.backpressure.threshold queue.buffering.max.kbytes
-queue.buffering.max.messages queued.max.messages.kbytes queued.min.messages queuing.strategy
-rebalance_cb reconnect.backoff.jitter.ms resolve_cb retry.backoff.max.ms
-sasl.kerberos.keytab sasl.kerberos.kinit.cmd sasl.kerberos.min.time.before.relogin
-sasl.kerberos.principal sasl.kerberos.service.name sasl.oauthbearer.assertion.algorithm
-sasl.oauthbearer.assertion.claim.aud sasl.oauthbearer.assertion.claim.exp.seconds
-sasl.oauthbearer.assertion.claim.iss sasl.oauthbearer.assertion.claim.jti.include
-sasl.oauthbearer.assertion.claim.nbf.seconds sasl.oauthbearer.assertion.claim.sub
-sasl.oauthbearer.assertion.file sasl.oauthbearer.assertion.jwt.template.file
-sasl.oauthbearer.assertion.private.key.file
+oauthbearer_token_refresh_cb offset.store.method offset.store.path offset.store.sync.interval.ms
+offset_commit_cb opaque open_cb partition.assignment.strategy partitioner partitioner_cb
+plugin.library.paths produce.offset.report queue.buffering.backpressure.threshold
+queue.buffering.max.kbytes queue.buffering.max.messages queued.max.messages.kbytes
+queued.min.messages queuing.strategy rebalance_cb reconnect.backoff.jitter.ms resolve_cb
+retry.backoff.max.ms sasl.kerberos.keytab sasl.kerberos.kinit.cmd
+sasl.kerberos.min.time.before.relogin sasl.kerberos.principal sasl.kerberos.service.name
+sasl.oauthbearer.assertion.algorithm sasl.oauthbearer.assertion.claim.aud
+sasl.oauthbearer.assertion.claim.exp.seconds sasl.oauthbearer.assertion.claim.iss
+sasl.oauthbearer.assertion.claim.jti.include sasl.oauthbearer.assertion.claim.nbf.seconds
+sasl.oauthbearer.assertion.claim.sub sasl.oauthbearer.assertion.file
+sasl.oauthbearer.assertion.jwt.template.file sasl.oauthbearer.assertion.private.key.file
 sasl.oauthbearer.assertion.private.key.passphrase sasl.oauthbearer.assertion.private.key.pem
-sasl.oauthbearer.client.credentials.client.id
-sasl.oauthbearer.client.credentials.client.secret sasl.oauthbearer.client.id
-sasl.oauthbearer.client.secret sasl.oauthbearer.config sasl.oauthbearer.extensions
-sasl.oauthbearer.grant.type sasl.oauthbearer.metadata.authentication.type
-sasl.oauthbearer.method sasl.oauthbearer.scope sasl.oauthbearer.token.endpoint.url
-socket.blocking.max.ms socket.connection.setup.timeout.ms socket.keepalive.enable
-socket.max.fails socket.nagle.disable socket.timeout.ms socket_cb ssl.ca.certificate.stores
-ssl.ca.pem ssl.certificate.pem ssl.certificate.verify_cb ssl.curves.list ssl.engine.id
-ssl.engine.location ssl.key.pem ssl.keystore.location ssl.keystore.password ssl.providers
-ssl.sigalgs.list ssl_ca ssl_certificate ssl_engine_callback_data ssl_key stats_cb
+sasl.oauthbearer.client.credentials.client.id sasl.oauthbearer.client.credentials.client.secret
+sasl.oauthbearer.client.id sasl.oauthbearer.client.secret sasl.oauthbearer.config
+sasl.oauthbearer.extensions sasl.oauthbearer.grant.type
+sasl.oauthbearer.metadata.authentication.type sasl.oauthbearer.method sasl.oauthbearer.scope
+sasl.oauthbearer.token.endpoint.url socket.blocking.max.ms socket.connection.setup.timeout.ms
+socket.keepalive.enable socket.max.fails socket.nagle.disable socket.timeout.ms socket_cb
+ssl.ca.certificate.stores ssl.ca.pem ssl.certificate.pem ssl.certificate.verify_cb ssl.curves.list
+ssl.engine.id ssl.engine.location ssl.key.pem ssl.keystore.location ssl.keystore.password
+ssl.providers ssl.sigalgs.list ssl_ca ssl_certificate ssl_engine_callback_data ssl_key stats_cb
 sticky.partitioning.linger.ms throttle_cb topic.blacklist topic.metadata.propagation.max.ms
 topic.metadata.refresh.fast.cnt topic.metadata.refresh.fast.interval.ms
 topic.metadata.refresh.interval.ms topic.metadata.refresh.sparse
