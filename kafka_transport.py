@@ -861,23 +861,21 @@ def nothing() -> None:
 class KafkaTransport:
     """One Kafka connection: input topic -> ``sink``; ``send`` -> output topic.
 
-    Delivery is at-least-once.  Every record is handed on with a ``done``
-    callback; its offset is committed only when it and every earlier record of
-    its partition are done.  Whoever answers a request calls ``send(reply,
-    done)``, and ``done`` runs when the broker acknowledged the reply.
+    Delivery is at-least-once.  Every record is handed on with a ``done`` callback; its
+    offset is committed only when it and every earlier record of its partition are done.
+    Whoever answers a request calls ``send(reply, done)``, and ``done`` runs when the
+    broker acknowledged the reply.
 
     ``sink`` is the processor: ``sink.offer(transport, [(message, done, route), ...])``
-    takes as many as it has room for and returns how many; ``sink.has_room()`` says
-    it is below its low-water mark; ``sink.answer(transport, message, done, route)``
-    takes a client's answer (a response or error) at once, past the queue.  While
-    the queue is full the partitions are paused, and polling goes on so the group
-    membership stays alive.
+    takes as many as it has room for and returns how many; ``sink.has_room()`` says it is
+    below its low-water mark; ``sink.answer(transport, message, done, route)`` takes a
+    client's answer (a response or error) at once, past the queue.  While the queue is
+    full the partitions are paused, and polling goes on so the group membership stays alive.
 
-    ``serve_forever`` runs the consumer loop in the calling thread (the only
-    thread that touches the consumer, which is not thread-safe); ``send`` may
-    be called from any thread.  ``shutdown`` stops intake; ``close`` waits for
-    unacknowledged replies, commits and closes.
-    """
+    ``serve_forever`` runs the consumer loop in the calling thread (the only thread that
+    touches the consumer, which is not thread-safe); ``send`` may be called from any
+    thread.  ``shutdown`` stops intake; ``close`` waits for unacknowledged replies, commits
+    and closes."""
 
     name = "kafka"
 
@@ -1054,9 +1052,8 @@ class KafkaTransport:
         return True
 
     def _reply_topic_problem(self, route: Route) -> str:
-        """Why ``route``'s reply topic cannot take records, or "".  The first look at a
-        topic may wait for its metadata (up to max.block.ms); what was found is kept for a
-        minute."""
+        """Why ``route``'s reply topic cannot take records, or "".  The first look at a topic
+        may wait for its metadata (up to max.block.ms); what was found is kept a minute."""
         now = time.monotonic()
         until, known = self._reply_topics.get(route.topic, (0.0, ""))
         if until <= now:
