@@ -1,27 +1,28 @@
 """codex-app-server: the Codex app-server JSON-RPC protocol over stdio and Apache Kafka.
 
-Run ``python codex_app_server.py --help``.  Stdio needs only the standard
-library; the Kafka transport (``kafka_transport.py``, next to this file) needs
-kafka-python, imported only when a Kafka flag is given.
+Run ``python codex_app_server.py --help`` (``... proxy --help`` for the proxy).  Stdio
+needs only the standard library; the Kafka transport (``kafka_transport.py``, next to
+this file) needs kafka-python, imported only when a Kafka flag is given.
 
 Shape, after CPython's socketserver: each transport runs a blocking loop in its
 own thread and pushes (transport, message, done, route) into one queue; the
-``Processor`` hands each message to that transport's backend; backend output
-goes straight back to the transport with the route it came with.  A shutdown
-Event stops intake, the processor drains, backends finish, then transports
-flush, commit and close.
+``Processor`` hands each message to the server's one backend, whose output goes
+straight back to the transport with the route it came with.  A shutdown Event stops
+intake, the processor drains, the backend finishes, then transports flush, commit and
+close.
 
-Sections: command line; server (``Server`` with its statistics line,
-``SystemdNotifier``, ``Processor``, ``MethodPolicy``); stdio (``StdioTransport``,
-``LineReader``); backends: ``BuiltinBackend``, and the Codex backend: one
-``CodexProcess`` (``codex app-server --listen unix://``) per server, a
-``Session`` per client with its own ``CodexConnection`` (a WebSocket),
-``SessionPool`` bounding them, ``CodexBackend`` per transport.
+Sections: command line (the server's flags, and the proxy's); server (``Server`` with
+its statistics line, ``SystemdNotifier``, ``Processor``, ``MethodPolicy``); stdio
+(``StdioTransport``, ``LineReader``); backends: ``BuiltinBackend``, ``Proxy`` (stdio to
+a server through Kafka), and the Codex backend: ``CodexBackend`` (every client's
+``Session``, bounded, each with its own ``CodexConnection``, a WebSocket) and one
+``CodexProcess`` (``codex app-server --listen unix://``).
 """
 
 import argparse
 import collections
 import fnmatch
+import functools
 import inspect
 import itertools
 import json
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import kafka_transport as rpc
@@ -47,8 +49,6 @@ __version__ = "0.1.0"
 log = logging.getLogger("codex_app_server")
 
 Message = Dict[str, Any]
-# A client's request, its transport acknowledgement, and the route its reply takes.
-Pending = Tuple[Message, rpc.Done, rpc.Route]
 
 # Flags that are Kafka client properties: the top layer over file, environment and -X.
 KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
@@ -64,77 +64,141 @@ CODEX_LINE_LIMIT = 64 * 1024 * 1024  # Codex's replies (a thread's history, a fi
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: parse flags, serve until shutdown, return the exit status."""
-    parser = build_parser()
-    args = parse_args(parser, argv)
+    """Console entry point: parse flags, serve until shutdown, return the exit status.
+    ``codex-app-server proxy ...`` runs the proxy (stdio to a server through Kafka)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    proxy = argv[:1] == ["proxy"]
+    parser = build_parser(proxy)
+    args = parse_args(parser, argv[1:] if proxy else argv)
     configure_logging(args.log_level, secrets=[
         value for key, value in getattr(args, "kafka_properties", {}).items()
         if rpc.is_secret(key)])
-    backend_factory = backend_factory_for(args, parser)
-    policy = MethodPolicy(args.allow_method or (), args.deny_method or ()) \
-        if args.allow_method or args.deny_method else None
-    server = Server(backend_factory, shutdown_timeout=args.shutdown_timeout,
-                    queue_size=args.queue_size, max_message_bytes=args.max_message_bytes,
-                    policy=policy, stats_interval=args.stats_interval)
-    if args.kafka:
-        server.add_kafka(args)
-    if args.stdio:
-        server.add_stdio()
+    if proxy:
+        proxy_backend = Proxy(args.timeout, args.kafka_reply_topic or args.kafka_output_topic,
+                              args.kafka_input_topic)
+        server = Server(proxy_backend, shutdown_timeout=5.0,
+                        max_message_bytes=args.max_message_bytes)
+        proxy_backend.transports = server.transports
+        kafka = server.add_kafka(args)
+        server.add_stdio(after=kafka.ready, ends_server=True)
+    else:
+        policy = MethodPolicy(args.allow_method or (), args.deny_method or ()) \
+            if args.allow_method or args.deny_method else None
+        server = Server(backend_for(args, parser),
+                        shutdown_timeout=args.shutdown_timeout, queue_size=args.queue_size,
+                        max_message_bytes=args.max_message_bytes, policy=policy,
+                        stats_interval=args.stats_interval)
+        if args.kafka:
+            server.add_kafka(args)
+        if args.stdio:
+            server.add_stdio()
     server.install_signal_handlers()
     return server.serve_forever()
 
 
 # --- command line ----------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="codex-app-server",
-        description="Carry the Codex app-server JSON-RPC protocol over stdio and Apache Kafka "
-                    "topics. Without Kafka flags, serve stdio only.")
-    kafka = parser.add_argument_group(
-        "Kafka", "Any Kafka flag enables the Kafka transport; the bootstrap servers, both topics "
-                 "and the group id are then required.")
+def build_parser(proxy: bool = False) -> argparse.ArgumentParser:
+    """The server's flags, or with ``proxy`` those of ``codex-app-server proxy``: the same
+    Kafka flags and property sources, so one properties file serves both ends."""
+    if proxy:
+        parser = argparse.ArgumentParser(
+            prog="codex-app-server proxy",
+            description="Speak the Codex app-server protocol on stdin/stdout, like 'codex "
+                        "app-server', and carry it over Kafka to a codex-app-server: any Codex "
+                        "client drives a remote Codex.")
+        kafka = parser.add_argument_group("Kafka", "The bootstrap servers and both topics are "
+                                                   "required; the topics are the server's.")
+    else:
+        parser = argparse.ArgumentParser(
+            prog="codex-app-server",
+            description="Carry the Codex app-server JSON-RPC protocol over stdio and Apache "
+                        "Kafka topics. Without Kafka flags, serve stdio only. 'codex-app-server "
+                        "proxy --help': the client side.")
+        kafka = parser.add_argument_group(
+            "Kafka", "Any Kafka flag enables the Kafka transport; the bootstrap servers, both "
+                     "topics and the group id are then required.")
     kafka.add_argument("--kafka-bootstrap-servers", metavar="HOST:PORT[,...]", type=_servers,
                        help="comma-separated broker list")
     kafka.add_argument("--kafka-input-topic", metavar="TOPIC", type=_topic,
-                       help="topic carrying inbound JSON-RPC messages")
+                       help="topic the server reads: where the requests go" if proxy else
+                       "topic carrying inbound JSON-RPC messages")
     kafka.add_argument("--kafka-output-topic", metavar="TOPIC", type=_topic,
-                       help="topic for outbound responses and notifications")
-    kafka.add_argument("--kafka-group-id", metavar="GROUP", type=_nonempty,
-                       help="consumer group of this server")
+                       help="topic the server writes: where the replies are read" if proxy
+                       else "topic for outbound responses and notifications")
+    if proxy:
+        kafka.add_argument("--kafka-session", metavar="ID", type=_session,
+                           help="the session: the record key of everything sent, and the "
+                                "codex-session header of everything read (default: a fresh "
+                                "random id per run)")
+        kafka.add_argument("--kafka-reply-topic", metavar="TOPIC", type=_topic,
+                           help="have the server reply on this topic (kafka_replyTopic "
+                                "header) and read it instead of the output topic")
+    else:
+        kafka.add_argument("--kafka-group-id", metavar="GROUP", type=_nonempty,
+                           help="consumer group of this server")
     kafka.add_argument("--kafka-client-id", metavar="ID", type=_nonempty,
                        help="client id of consumer and producer (default: codex-app-server)")
-    kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
-                       help="where a group without committed offsets starts (default: latest)")
+    if not proxy:
+        kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
+                           help="where a group without committed offsets starts "
+                                "(default: latest)")
     kafka.add_argument("--kafka-max-message-bytes", metavar="BYTES", type=_message_bytes,
-                       help="largest record the server produces; a larger reply becomes a "
-                            "JSON-RPC error (default: 1048576)")
-    kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
-                       help="send every unusable input record here, unchanged, with headers "
-                            "naming its origin and the reason")
-    kafka.add_argument("--kafka-reply-topic-pattern", metavar="REGEX", type=_pattern,
-                       help="reply topics a request may name in its reply-topic header "
-                            "(kafka_replyTopic, REPLY_TOPIC, reply_to) must match this whole; "
-                            "others get a JSON-RPC error on the output topic (default: any)")
-    kafka.add_argument("--stats-topic", metavar="TOPIC", type=_topic,
-                       help="also produce each statistics line (-X statistics.interval.ms) to "
-                            "this topic, keyed by the client id")
+                       help="largest record produced; a larger %s becomes a JSON-RPC error "
+                            "(default: 1048576)" % ("message" if proxy else "reply"))
+    if not proxy:
+        kafka.add_argument("--kafka-dead-letter-topic", metavar="TOPIC", type=_topic,
+                           help="send every unusable input record here, unchanged, with "
+                                "headers naming its origin and the reason")
+        kafka.add_argument("--kafka-reply-topic-pattern", metavar="REGEX", type=_pattern,
+                           help="reply topics a request may name in its reply-topic header "
+                                "(kafka_replyTopic, REPLY_TOPIC, reply_to) must match this "
+                                "whole; others get a JSON-RPC error on the output topic "
+                                "(default: any)")
+        kafka.add_argument("--stats-topic", metavar="TOPIC", type=_topic,
+                           help="also produce each statistics line (-X "
+                                "statistics.interval.ms) to this topic, keyed by the client id")
     kafka.add_argument("--kafka-config", metavar="FILE",
                        help="librdkafka/Java properties file (key=value) of client properties; "
                             "the environment, -X and flags take precedence")
     kafka.add_argument("--kafka-connect-timeout", metavar="SECONDS", type=_seconds,
-                       help="how long start-up may take to find a TLS or SASL failure that "
-                            "retrying cannot fix, before exiting 3 (default: 30)")
+                       help="how long %s (default: 30)" % (
+                           "the broker may take to answer before the proxy exits 3" if proxy
+                           else "start-up may take to find a TLS or SASL failure that "
+                                "retrying cannot fix, before exiting 3"))
     kafka.add_argument("-X", "--kafka-property", metavar="KEY=VALUE", action="append",
                        type=_property,
                        help="librdkafka/Java client property, e.g. session.timeout.ms=10000 "
                             "(repeatable)")
+    if proxy:
+        parser.add_argument("--timeout", metavar="SECONDS", type=_positive_seconds,
+                            default=120.0,
+                            help="a request without a reply after this long is answered with "
+                                 "a JSON-RPC error naming the topic waited on; at stdin's end, "
+                                 "how long replies are awaited (default: 120)")
+    else:
+        _server_arguments(parser)
+    parser.add_argument("--max-message-bytes", metavar="BYTES", type=_message_bytes,
+                        default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest message read: a longer stdin line or Kafka record is "
+                             "answered with a JSON-RPC error and skipped without being held "
+                             f"in memory (default: {DEFAULT_MAX_MESSAGE_BYTES})")
+    parser.add_argument("--log-level", default="WARNING" if proxy else "INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log level on stderr (default: %s)" % (
+                            "WARNING" if proxy else "INFO"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stdio", action="store_true",
                         help="keep the stdio transport on alongside Kafka (default with no Kafka "
                              "flag)")
     parser.add_argument("--backend", choices=("codex", "builtin"), default="codex",
-                        help="what answers: one 'codex app-server' with a connection per session, or the "
-                             "built-in initialize/noop backend for smoke tests (default: codex)")
+                        help="what answers: one 'codex app-server' with a connection per "
+                             "session, or the built-in initialize/noop backend for smoke tests "
+                             "(default: codex)")
     parser.add_argument("--codex-command", metavar="COMMAND",
                         help="command line of the Codex child (default: $CODEX_APP_SERVER_COMMAND "
                              f"or '{DEFAULT_CODEX_COMMAND}')")
@@ -154,11 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builtin-delay", metavar="SECONDS", type=_seconds, default=0.0,
                         help="builtin backend: wait this long before each reply, to load-test "
                              "a transport against a slow backend (default: 0)")
-    parser.add_argument("--max-message-bytes", metavar="BYTES", type=_message_bytes,
-                        default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="largest message the server reads: a longer stdin line or Kafka "
-                             "record is answered with a JSON-RPC error and skipped without "
-                             f"being held in memory (default: {DEFAULT_MAX_MESSAGE_BYTES})")
     parser.add_argument("--allow-method", metavar="PATTERN", action="append", type=_glob,
                         help="take only the client methods matching one of these shell-style "
                              "patterns, e.g. 'thread/*' (repeatable; default: every method)")
@@ -171,18 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "are paused and stdin is not read (default: 1000)")
     parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=_seconds, default=30.0,
                         help="how long shutdown waits for in-flight work (default: 30)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="log level on stderr (default: INFO)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
 
 
 def parse_args(parser: argparse.ArgumentParser,
                argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and cross-check flags; usage errors exit 2 through ``parser.error``."""
     args = parser.parse_args(argv)
-    args.kafka = any(getattr(args, name) is not None for name in KAFKA_FLAGS)
+    proxy = hasattr(args, "timeout")
+    args.kafka = proxy or any(getattr(args, name, None) is not None for name in KAFKA_FLAGS)
     args.stats_interval = 0.0
     if not args.kafka:
         args.stdio = True
@@ -195,32 +250,40 @@ def parse_args(parser: argparse.ArgumentParser,
     properties.update(rpc.environment_properties(os.environ))
     properties.update(args.kafka_property or [])
     properties.update({prop: getattr(args, flag) for flag, prop in KAFKA_PROPERTY_FLAGS.items()
-                       if getattr(args, flag) is not None})
+                       if getattr(args, flag, None) is not None})
     if "metadata.broker.list" in properties:  # librdkafka's older name
         properties.setdefault("bootstrap.servers", properties["metadata.broker.list"])
     # The server's own statistics, as librdkafka's: not a kafka-python setting.
     interval = properties.pop("statistics.interval.ms", "0")
     try:
-        args.stats_interval = rpc.parse_integer(interval) / 1000.0
+        args.stats_interval = 0.0 if proxy else rpc.parse_integer(interval) / 1000.0
     except ValueError as exc:
         parser.error(f"Kafka client properties: statistics.interval.ms={interval!r}: {exc}")
-    if args.stats_topic and not args.stats_interval:
+    if proxy:  # a reader of one partition, without a group: one file may serve both ends
+        for key in ("group.id", "auto.offset.reset", "group.instance.id"):
+            properties.pop(key, None)
+        args.kafka_session = args.kafka_session or uuid.uuid4().hex
+    elif args.stats_topic and not args.stats_interval:
         parser.error("--stats-topic needs -X statistics.interval.ms=N (N > 0)")
-    if args.stats_topic and args.stats_topic in (
+    elif args.stats_topic and args.stats_topic in (
             args.kafka_input_topic, args.kafka_output_topic, args.kafka_dead_letter_topic):
         parser.error("--stats-topic must differ from the input, output and dead-letter topics")
     properties.setdefault("client.id", "codex-app-server")
-    properties.setdefault("auto.offset.reset", "latest")
+    if not proxy:
+        properties.setdefault("auto.offset.reset", "latest")
     missing = [flag for flag, present in (
         ("--kafka-bootstrap-servers", "bootstrap.servers" in properties),
         ("--kafka-input-topic", args.kafka_input_topic), ("--kafka-output-topic",
                                                           args.kafka_output_topic),
-        ("--kafka-group-id", "group.id" in properties)) if not present]
+        ("--kafka-group-id", proxy or "group.id" in properties)) if not present]
     if missing:
-        parser.error("the Kafka transport also needs: " + ", ".join(missing))
+        parser.error(("the proxy needs: " if proxy else "the Kafka transport also needs: ")
+                     + ", ".join(missing))
     if args.kafka_input_topic == args.kafka_output_topic:
         parser.error("--kafka-input-topic and --kafka-output-topic must differ "
                      "(the server would consume its own replies)")
+    if proxy and args.kafka_reply_topic == args.kafka_input_topic:
+        parser.error("--kafka-reply-topic must differ from --kafka-input-topic")
     try:
         properties["bootstrap.servers"] = _servers(properties["bootstrap.servers"])
     except argparse.ArgumentTypeError as exc:
@@ -235,7 +298,7 @@ def parse_args(parser: argparse.ArgumentParser,
     args.kafka_connect_timeout = 30.0 if args.kafka_connect_timeout is None \
         else args.kafka_connect_timeout
     args.kafka_max_message_bytes = args.kafka_max_message_bytes or 1024 * 1024
-    if args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
+    if not proxy and args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
             args.kafka_input_topic, args.kafka_output_topic):
         parser.error("--kafka-dead-letter-topic must differ from the input and output topics")
     return args
@@ -264,6 +327,12 @@ def _topic(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a legal Kafka topic name (letters, digits, '.', '_', '-'; "
             "at most 249)")
+    return text
+
+
+def _session(text: str) -> str:
+    if not text or len(text.encode()) > rpc.MAX_SESSION_KEY_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {rpc.MAX_SESSION_KEY_BYTES} bytes")
     return text
 
 
@@ -305,6 +374,7 @@ def _number(convert: Callable[[str], Any], minimum: float, maximum: float,
 
 # Bounded so that every timer and Kafka setting built from them stays valid.
 _seconds = _number(float, 0, 1e6, "a number of seconds")
+_positive_seconds = _number(float, 0.001, 1e6, "a number of seconds")
 _positive_int = _number(int, 1, rpc.INT32_MAX, "a whole number")
 _message_bytes = _number(int, 1, 1024 ** 3, "a number of bytes")
 
@@ -346,7 +416,7 @@ HANDOFF_GRACE = 5.0  # seconds past the shutdown timeout for handing queued mess
 class Server:
     """Owns the transports, the processor and the shutdown sequence."""
 
-    def __init__(self, backend_factory: "BackendFactory", shutdown_timeout: float = 30.0,
+    def __init__(self, backend: "Backend", shutdown_timeout: float = 30.0,
                  queue_size: int = 1000,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  policy: Optional["MethodPolicy"] = None, stats_interval: float = 0.0):
@@ -354,32 +424,43 @@ class Server:
         self.stats_interval = stats_interval
         self.shutdown_timeout = shutdown_timeout
         self.max_message_bytes = max_message_bytes
-        self.processor = Processor(backend_factory, queue_size, policy)
+        self.processor = Processor(backend, queue_size, policy)
         self.transports: List[Any] = []
         self._signals = 0
         self._signalled = 0  # the first signal's number
         self._failed = 0  # the exit status a failed transport asks for
 
-    def add_kafka(self, args: argparse.Namespace) -> None:
+    def add_kafka(self, args: argparse.Namespace) -> "rpc.KafkaTransport":
         if args.kafka_inferred:
             log.info("inferred %s from the TLS/SASL settings", ", ".join(args.kafka_inferred))
         log.info("kafka settings: %s", rpc.redacted(args.kafka_properties))
         for key, why in rpc.ignored_properties(args.kafka_properties):
             log.warning("ignoring kafka property %s: %s", key, why)
+        session = getattr(args, "kafka_session", None)
+        reply_topic = getattr(args, "kafka_reply_topic", None)
+        # The proxy reads what the server writes (or its own reply topic), and the reverse.
+        reads, writes = (reply_topic or args.kafka_output_topic, args.kafka_input_topic) \
+            if session else (args.kafka_input_topic, args.kafka_output_topic)
         transport = rpc.KafkaTransport(
-            args.kafka_input_topic, args.kafka_output_topic, self.processor,
-            args.kafka_properties, max_message_bytes=args.kafka_max_message_bytes,
-            dead_letter_topic=args.kafka_dead_letter_topic,
+            reads, writes, self.processor, args.kafka_properties,
+            max_message_bytes=args.kafka_max_message_bytes,
+            dead_letter_topic=getattr(args, "kafka_dead_letter_topic", None),
             connect_timeout=args.kafka_connect_timeout,
             max_input_bytes=self.max_message_bytes,
-            reply_topic_pattern=args.kafka_reply_topic_pattern,
-            stats_topic=(args.stats_topic or "") if args.stats_interval else None)
+            reply_topic_pattern=getattr(args, "kafka_reply_topic_pattern", None),
+            stats_topic=(args.stats_topic or "") if args.stats_interval else None,
+            session=session, reply_topic=reply_topic)
         self.transports.append(transport)
+        return transport
 
-    def add_stdio(self) -> None:
+    def add_stdio(self, after: Optional[threading.Event] = None,
+                  ends_server: bool = False) -> None:
+        """Stdio, read once ``after`` is set; its end ends the server when ``ends_server``
+        (or when it is the only transport) once what it awaits is in."""
+        self._stdio_ends_server = ends_server
         self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
                                               self.max_message_bytes,
-                                              answer=self.processor.answer))
+                                              answer=self.processor.answer, after=after))
 
     def install_signal_handlers(self) -> None:
         for signum in STOP_SIGNALS:
@@ -390,7 +471,6 @@ class Server:
         """Run until a signal (or the end of stdio in stdio-only mode), then shut down in order."""
         threads = []
         for transport in self.transports:
-            self.processor.register(transport)
             threads.append(threading.Thread(target=self._serve_transport, args=(transport,),
                                             name=f"{transport.name}-transport", daemon=True))
         processor_thread = threading.Thread(target=self.processor.serve_forever,
@@ -457,7 +537,7 @@ class Server:
             log.warning("shutdown timeout: %d queued messages left unprocessed",
                         self.processor.queued())
         log.info("waiting for in-flight replies")
-        self.processor.close_backends(deadline)
+        self.processor.backend.close(deadline)
         for transport in self.transports:
             transport.close(timeout=max(1.0, deadline - time.monotonic()))
         log.info("shutdown complete")
@@ -468,9 +548,7 @@ class Server:
         needs without Kafka's tools.  Payload-free: counts only."""
         stats: Dict[str, Any] = dict(queue=self.processor.queued(), sessions=0, in_flight=0,
                                      codex_restarts=0)
-        for part in self.processor.stats():
-            for name, value in part.items():
-                stats[name] = stats[name] + value if name != "codex_restarts" else value
+        stats.update(self.processor.backend.stats())
         kafka = [transport for transport in self.transports
                  if isinstance(transport, rpc.KafkaTransport)]
         for transport in kafka:
@@ -490,13 +568,15 @@ class Server:
         self._signalled = signum
 
     def _stdio_closed(self, why: str) -> None:
-        if len(self.transports) == 1:
-            log.info("%s: shutting down", why)
-            self.shutdown_event.set()
-        else:
-            log.info("%s: the stdio connection ends, Kafka goes on", why)
-            self.processor.close_backend(self.transports[-1], time.monotonic() +
-                                         self.shutdown_timeout)
+        if len(self.transports) > 1:
+            log.info("%s: the stdio connection ends%s", why,
+                     "" if self._stdio_ends_server else ", Kafka goes on")
+            self.processor.backend.end(self.transports[-1], time.monotonic() +
+                                       self.shutdown_timeout)
+            if not self._stdio_ends_server:
+                return
+        log.info("%s: shutting down", why)
+        self.shutdown_event.set()
 
 
 class SystemdNotifier:
@@ -532,7 +612,7 @@ class SystemdNotifier:
 
 
 class Processor:
-    """One bounded queue of (transport, message, done); each message to its transport's backend.
+    """One bounded queue of (transport, message, done, route), each message to the backend.
 
     ``done`` is the transport's acknowledgement: a request's backend passes it
     along with the reply; for anything else it runs once the backend has it.
@@ -541,9 +621,9 @@ class Processor:
     end its thread: a failure becomes that request's ``-32603`` error.
     """
 
-    def __init__(self, backend_factory: "BackendFactory", queue_size: int = 1000,
+    def __init__(self, backend: "Backend", queue_size: int = 1000,
                  policy: Optional["MethodPolicy"] = None):
-        self._factory = backend_factory
+        self.backend = backend
         self._policy = policy
         self._refused_log = rpc.LogThrottle()
         self._items: Deque[Tuple[Any, Message, rpc.Done, rpc.Route]] = collections.deque()
@@ -551,10 +631,6 @@ class Processor:
         self._capacity = queue_size
         self._low_water = max(1, queue_size // 2)
         self._stopping = False
-        self._backends: Dict[Any, Backend] = {}
-
-    def register(self, transport: Any) -> None:
-        self._backends[transport] = self._factory(transport)
 
     def submit(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
@@ -620,7 +696,7 @@ class Processor:
                 self._call(done)
             return
         try:
-            self._backends[transport].handle(message, done, route)
+            self.backend.handle(transport, message, done, route)
         except Exception:
             log.exception("internal error handling a %s (method %s, id %r)", kind,
                           message.get("method"), message.get("id"))
@@ -642,23 +718,10 @@ class Processor:
     def stop(self, deadline: float) -> None:
         """Finish what is queued, then return from serve_forever; backends stop waiting
         for room at ``deadline``."""
-        for backend in self._backends.values():
-            backend.stopping(deadline)
+        self.backend.stopping(deadline)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-
-    def close_backend(self, transport: Any, deadline: float) -> None:
-        backend = self._backends.get(transport)
-        if backend is not None:
-            backend.close(deadline)
-
-    def stats(self) -> List[Dict[str, Any]]:
-        return [backend.stats() for backend in list(self._backends.values())]
-
-    def close_backends(self, deadline: float) -> None:
-        for backend in self._backends.values():
-            backend.close(deadline)
 
 
 class MethodPolicy:
@@ -694,8 +757,10 @@ class StdioTransport:
 
     def __init__(self, submit: Callable[[Any, Message], None], on_close: Callable[[str], None],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, stdin_fd: int = 0,
-                 stdout_fd: int = 1, answer: Optional[Callable[[Any, Message], None]] = None):
+                 stdout_fd: int = 1, answer: Optional[Callable[[Any, Message], None]] = None,
+                 after: Optional[threading.Event] = None):
         self._submit = submit
+        self._after = after
         self._answer = answer or submit
         self._on_close = on_close
         self.max_message_bytes = max_message_bytes
@@ -708,6 +773,9 @@ class StdioTransport:
         self._invalid_log = rpc.LogThrottle()
 
     def serve_forever(self) -> None:
+        while self._after is not None and not self._after.wait(0.1):
+            if self._shutdown.is_set():
+                return
         line_number = 0
         for line, size, head in LineReader(self._stdin_fd, self.max_message_bytes):
             if self._shutdown.is_set() or self._ended.is_set():
@@ -840,38 +908,35 @@ def _write_all(fd: int, data: bytes) -> None:
 # --- backends ---------------------------------------------------------------
 
 class Backend:
-    """What answers one connection's messages.  Replies go to ``transport.send``."""
+    """What answers the messages of every transport: replies go to ``transport.send``."""
 
-    def __init__(self, transport: Any):
-        self.transport = transport
-
-    def handle(self, message: Message, done: rpc.Done, route: rpc.Route) -> None:
+    def handle(self, transport: Any, message: Message, done: rpc.Done,
+               route: rpc.Route) -> None:
         """Take one message.  For a request, pass ``done`` and ``route`` to
         ``transport.send`` with the reply; for anything else the processor calls ``done``."""
         raise NotImplementedError
 
     def stats(self) -> Dict[str, int]:
-        """Counts for the statistics line, summed over backends."""
+        """Counts for the statistics line."""
         return {}
 
     def stopping(self, deadline: float) -> None:
         """Shutdown has begun: stop waiting for room by ``deadline``."""
 
+    def end(self, transport: Any, deadline: float) -> None:
+        """``transport``'s client is gone (stdin closed): finish its work by ``deadline``."""
+
     def close(self, deadline: float) -> None:
         """Finish in-flight work by ``deadline`` (time.monotonic()), then release resources."""
-
-
-BackendFactory = Callable[[Any], Backend]
 
 
 class BuiltinBackend(Backend):
     """Answers ``initialize`` and ``noop`` in-process: transport smoke tests without Codex."""
 
-    def __init__(self, transport: Any, delay: float = 0.0):
-        super().__init__(transport)
+    def __init__(self, delay: float = 0.0):
         self.delay = delay
 
-    def handle(self, message: Message, done: rpc.Done = rpc.nothing,
+    def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
         if kind == rpc.REQUEST:
@@ -885,52 +950,118 @@ class BuiltinBackend(Backend):
             elif method == "noop":
                 result = {}
             else:
-                self.transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
-                                                       f"Method not found: {method}"), done, route)
+                transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
+                                                  f"Method not found: {method}"), done, route)
                 return
-            self.transport.send({"jsonrpc": "2.0", "id": message["id"], "result": result}, done,
-                                route)
+            transport.send({"jsonrpc": "2.0", "id": message["id"], "result": result}, done,
+                           route)
         elif kind in (rpc.RESPONSE, rpc.ERROR):
             log.debug("builtin backend: ignoring a client %s for id %r", kind, message.get("id"))
 
 
-class CodexBackend(Backend):
-    """One transport's sessions, each with its own connection to the server's one Codex.
+class Proxy(Backend):
+    """The backend of ``codex-app-server proxy``: what one transport takes goes out on the
+    other as it is (stdin to Kafka, Kafka to stdout).  A request from stdin without a
+    reply after ``timeout`` is answered with an error naming the topic its reply was
+    awaited on, so a client never hangs on an absent or silent server; a reply that
+    comes later is dropped with a WARNING."""
 
-    A session is one client: the Kafka record key (None: the default session; stdio
-    is one session).  Its requests reach Codex under ids unique on its connection,
-    restored on the reply.  Its ``initialize`` and the threads it loaded are kept and
-    replayed on a new connection (after Codex restarted, or after the session was
-    closed for idleness), so the client carries on.  Codex's requests to a client
-    (approvals) go out under ids unique for the server's life, so a late answer never
-    reaches a successor's request.  What Codex sends a session unasked follows the
-    session's route: the reply topic and partition it last named.  A lost connection
-    is heard by its session: pending requests fail, Codex's open requests to it are
-    withdrawn, its running turns end as failed.
+    def __init__(self, timeout: float, awaited: str, server_topic: str):
+        self.timeout = timeout
+        self.transports: List[Any] = []  # the server's: Kafka, then stdio
+        self._awaited, self._server_topic = awaited, server_topic
+        self._waiting: Dict[Any, float] = {}  # id of a request from stdin -> its deadline
+        self._changed = threading.Condition()
+        threading.Thread(target=self._expire, name="proxy-timeouts", daemon=True).start()
+
+    def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
+               route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
+        kafka, stdio = self.transports
+        kind = rpc.kind(message)
+        with self._changed:
+            if transport is stdio and kind == rpc.REQUEST:
+                self._waiting[message["id"]] = time.monotonic() + self.timeout
+            elif transport is kafka and kind in (rpc.RESPONSE, rpc.ERROR):
+                if self._waiting.pop(message["id"], None) is None:
+                    log.warning("dropping a reply to id %r, which no request waits for "
+                                "(answered already, or timed out)", message["id"])
+                    done()
+                    return
+                self._changed.notify_all()
+        (stdio if transport is kafka else kafka).send(message, done)
+
+    def end(self, transport: Any, deadline: float) -> None:
+        self.close(time.monotonic() + self.timeout + 1.0)  # each reply, or its timeout error
+
+    def close(self, deadline: float) -> None:
+        with self._changed:  # what stdin asked is answered, or times out
+            while self._waiting and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            left, self._waiting = list(self._waiting), {}
+        for msg_id in left:
+            self.transports[1].send(rpc.error_response(
+                msg_id, rpc.INTERNAL_ERROR, "codex-app-server proxy is shutting down"))
+
+    def _expire(self) -> None:
+        while True:
+            time.sleep(max(0.05, min(1.0, self.timeout / 10)))
+            now = time.monotonic()
+            with self._changed:
+                late = [msg_id for msg_id, deadline in self._waiting.items() if deadline <= now]
+                for msg_id in late:
+                    del self._waiting[msg_id]
+                self._changed.notify_all()
+            for msg_id in late:
+                text = f"no reply within {self.timeout:g} s on Kafka topic {self._awaited} " \
+                       f"(is a codex-app-server reading {self._server_topic}?)"
+                log.warning("request %r: %s", msg_id, text)
+                self.transports[1].send(rpc.error_response(msg_id, rpc.INTERNAL_ERROR, text))
+
+
+class CodexBackend(Backend):
+    """Every client's session, each with its own connection to the server's one Codex.
+
+    A session is one client of one transport: a Kafka record key (None: the default
+    session), or stdio.  Its requests reach Codex under ids unique on its connection,
+    restored on the reply.  Its ``initialize`` and the threads it loaded are replayed on
+    a new connection (after Codex restarted, or the session was closed), so the client
+    carries on.  Codex's requests to a client (approvals) go out under ids unique for the
+    server's life, so a late answer never reaches a successor's request.  What Codex
+    sends a session unasked follows the reply topic and partition it last named.  A lost
+    connection fails the session's pending requests, withdraws Codex's open requests to
+    it and ends its running turns as failed.
+
+    At most ``max_sessions`` hold a connection: the least recently used idle one is
+    closed to make room.  A reaper thread closes those idle for ``idle_timeout`` and
+    fails the requests Codex has not answered in ``request_timeout`` (0: never).
     """
 
-    def __init__(self, transport: Any, codex: "CodexProcess", pool: "SessionPool",
+    def __init__(self, codex: "CodexProcess", max_sessions: int = 1000,
+                 idle_timeout: float = 600.0, request_timeout: float = 0.0,
                  max_in_flight: int = 1000):
-        super().__init__(transport)
         self._codex = codex
-        self._pool = pool
-        self._lock = pool.lock  # one lock for every session: the pool closes across backends
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self._max_in_flight = max_in_flight
+        self._lock = threading.Condition()  # guards every session
         self._in_flight = 0
-        self._sessions: "collections.OrderedDict[Optional[bytes], Session]" = \
+        self._sessions: "collections.OrderedDict[Tuple[Any, Optional[bytes]], Session]" = \
             collections.OrderedDict()
+        self._open: "collections.OrderedDict[Session, None]" = \
+            collections.OrderedDict()  # holding a connection, least recently used first
         self._asked: Dict[int, Tuple["Session", "CodexConnection", Any]] = {}  # ours -> Codex's
+        self._reaper: Optional[threading.Thread] = None
         self._stop_deadline = float("inf")
         self._closed = False
-        codex.users += 1
 
-    def handle(self, message: Message, done: rpc.Done = rpc.nothing,
+    def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
         if kind in (rpc.RESPONSE, rpc.ERROR):
             self._answer_codex(message)
             return
-        session = self._session(route)
+        session = self._session(transport, route)
         if kind == rpc.REQUEST and message["method"] == "initialize":
             # The same initialize again (a redelivered record) gets the saved result; one
             # with other parameters goes to Codex ("Already initialized").
@@ -940,15 +1071,14 @@ class CodexBackend(Backend):
                 if result is None and session.connection is None:
                     session.init_params = session.init_result = None  # anew: nothing to replay
             if result is not None:
-                self.transport.send({"id": message["id"], "result": result}, done, route)
+                transport.send({"id": message["id"], "result": result}, done, route)
                 return
         for attempt in (1, 2):
             connection = self._connection(session, message, done, route)
             if connection is None:
                 return
             if kind != rpc.REQUEST:
-                if message["method"] == "initialized":
-                    session.initialized = True
+                session.initialized |= message["method"] == "initialized"
                 connection.send(rpc.encode(message))
                 return
             with self._lock:
@@ -962,9 +1092,7 @@ class CodexBackend(Backend):
             with self._lock:
                 if session.connection is not connection:
                     continue  # lost meanwhile: open a new one
-                session.pending[our_id] = (message, done, route)
-                session.sent(our_id, self._pool.request_timeout)
-                self._in_flight += 1
+                self._call(session, our_id, message, done, route)
                 if message["method"] == "initialize" and session.init_result is None:
                     session.init_params = message.get("params")
             if connection.send(data):  # outside the lock: a full socket may block it
@@ -973,86 +1101,85 @@ class CodexBackend(Backend):
             # new connection once.  Its reader may be stuck relaying to a slow client: tell
             # the loss from here.
             with self._lock:
-                if session.pending.pop(our_id, None) is None:
+                if session.calls.pop(our_id, None) is None:
                     return
-                session.deadlines.pop(our_id, None)
                 self._in_flight -= 1
             self._connection_lost(connection, "it no longer takes messages")
         reason = "codex-app-server is shutting down" if self._closed else \
             "codex app-server is not available: the connection to it closed before it " \
             "could take the request"
-        self.transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR, reason),
-                            done, route)
+        transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR, reason), done,
+                       route)
 
     def stopping(self, deadline: float) -> None:
         with self._lock:
             self._stop_deadline = deadline
             self._lock.notify_all()
 
+    def end(self, transport: Any, deadline: float) -> None:
+        self._finish(transport, deadline)
+
     def close(self, deadline: float) -> None:
         with self._lock:
-            if self._closed:  # stdio's backend: at stdin's end, then at shutdown
-                return
             self._closed = True
-            # Running turns too, so their clients see turn/completed; near the deadline they
-            # are interrupted, and complete as such within the rest of it (a second at least).
+        self._finish(None, deadline)
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {"sessions": len(self._open), "in_flight": self._in_flight,
+                    "codex_restarts": max(0, self._codex.starts - 1)}
+
+    def _finish(self, transport: Any, deadline: float) -> None:
+        """Let the sessions of ``transport`` (None: all, and then Codex) finish their requests
+        and running turns; near the deadline interrupt the turns, which then complete as
+        such (within a second at least); then close their connections."""
+        def busy(turns: bool = True) -> List[Session]:
+            return [session for session in self._open if transport in (None, session.transport)
+                    and (session.calls or turns and session.turns)]
+        with self._lock:
             grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
-            while (self._in_flight or self._running_turns()) and \
-                    time.monotonic() < deadline - grace:
+            while busy() and time.monotonic() < deadline - grace:
                 self._lock.wait(max(0.0, min(0.1, deadline - grace - time.monotonic())))
-            interrupts = [(session.connection, session._own("turn/interrupt", {
+            interrupts = [(session.connection, self._own(session, "turn/interrupt", {
                 "threadId": thread_id, "turnId": turn_id}))
-                for session, thread_id, turn_id in self._running_turns()]
+                for session in busy() for turn_id, (thread_id, _) in session.turns.items()]
         if interrupts:
             log.warning("shutdown timeout: interrupting %d running turns", len(interrupts))
         for connection, data in interrupts:
             connection.send(data)
         with self._lock:
             until = max(deadline, time.monotonic() + 1.0)
-            while (self._in_flight or interrupts and self._running_turns()) and \
-                    time.monotonic() < until:
+            while busy(turns=bool(interrupts)) and time.monotonic() < until:
                 self._lock.wait(0.1)
-            if self._in_flight:
+            unanswered = sum(len(session.calls) for session in busy(turns=False))
+            if unanswered:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
-                            self._in_flight)
-            connections = [session.connection for session in self._sessions.values()
-                           if session.connection is not None]
-            self._codex.users -= 1
-            last = self._codex.users == 0
-        if last:  # every connection ends with it, quickly
+                            unanswered)
+            connections = [session.connection for session in self._open
+                           if transport in (None, session.transport)]
+        if transport is None:  # every connection ends with it, quickly
             self._codex.stop(deadline)
         for connection in connections:
-            self._connection_lost(connection, "")  # what it still owes is answered
+            self._connection_lost(connection, "", ending=True)  # what it owes is answered
             connection.close()
         for connection in connections:
             connection.ended.wait(max(0.1, deadline - time.monotonic()))
 
-    def stats(self) -> Dict[str, int]:
-        with self._lock:
-            return {"sessions": sum(session.connection is not None
-                                    for session in self._sessions.values()),
-                    "in_flight": self._in_flight,
-                    "codex_restarts": max(0, self._codex.starts - 1)}
-
-    def _running_turns(self) -> List[Tuple["Session", Any, str]]:
-        return [(session, thread_id, turn_id) for session in self._sessions.values()
-                if session.connection is not None
-                for turn_id, (thread_id, _) in session.turns.items()]
-
     # Sessions --------------------------------------------------------------
 
-    def _session(self, route: rpc.Route) -> "Session":
+    def _session(self, transport: Any, route: rpc.Route) -> "Session":
+        key = (transport, route.session)
         with self._lock:
-            session = self._sessions.get(route.session)
+            session = self._sessions.get(key)
             if session is None:
-                session = self._sessions[route.session] = Session(self, route.session)
+                session = self._sessions[key] = Session(transport, route.session)
                 # A closed session's state is small, but clients choose keys: keep the newest.
-                excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self._pool.max_sessions)
-                for key in list(itertools.islice(self._sessions, max(0, excess))):
-                    if self._sessions[key].connection is None and self._sessions[key].idle():
-                        del self._sessions[key]
+                excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self.max_sessions)
+                for old in list(itertools.islice(self._sessions, max(0, excess))):
+                    if self._sessions[old].connection is None and self._sessions[old].idle():
+                        del self._sessions[old]
             else:
-                self._sessions.move_to_end(route.session)
+                self._sessions.move_to_end(key)
             session.follow(route)
         return session
 
@@ -1063,26 +1190,26 @@ class CodexBackend(Backend):
         with self._lock:
             connection = session.connection
             if connection is not None and not connection.lost:
-                self._pool.touch(session)
+                self._touch(session)
                 return connection
         if connection is not None:  # lost: its reader is telling the session, or stuck
             connection.ended.wait(1.0)
             self._connection_lost(connection, "closed")
-        failure = None
+        failure = closing = None
         with self._lock:
             if self._closed:
                 failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
             else:
                 # Every session busy: one is often done within milliseconds (a burst of new
                 # clients, each initializing), so wait a little before refusing.
-                admitted, closing = self._pool.admit(session)
                 wait_until = time.monotonic() + SESSION_WAIT
+                admitted, closing = self._admit(session)
                 while not admitted and time.monotonic() < wait_until and not self._closed:
                     self._lock.wait(wait_until - time.monotonic())
-                    admitted, closing = self._pool.admit(session)
+                    admitted, closing = self._admit(session)
                 if not admitted:
                     failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
-                               f"{self._pool.max_sessions} sessions (--max-sessions) is busy; "
+                               f"{self.max_sessions} sessions (--max-sessions) is busy; "
                                "retry later")
         if failure is None:
             if closing is not None:
@@ -1091,11 +1218,11 @@ class CodexBackend(Backend):
                 websocket, process = self._codex.connect()
             except CodexUnavailable as exc:
                 with self._lock:
-                    self._pool.release(session)
+                    self._open.pop(session, None)
                 failure = (rpc.INTERNAL_ERROR, str(exc))
         if failure is not None:
             if rpc.kind(message) == rpc.REQUEST:
-                self.transport.send(rpc.error_response(message["id"], *failure), done, route)
+                session.transport.send(rpc.error_response(message["id"], *failure), done, route)
             else:
                 log.warning("session %s: dropping a %s notification: %s",
                             _session_name(session.key), message["method"][:200], failure[1])
@@ -1104,7 +1231,7 @@ class CodexBackend(Backend):
                                      self._connection_lost)
         with self._lock:
             session.connection = connection
-            replay = session.replay()
+            replay = session.replay(functools.partial(self._own, session))
         connection._reader.start()
         for data in replay:  # its state first: Codex takes a connection's messages in order
             connection.send(data)
@@ -1112,7 +1239,89 @@ class CodexBackend(Backend):
                   _session_name(session.key), len(replay))
         return connection
 
+    def _admit(self, session: "Session") -> Tuple[bool, Optional["CodexConnection"]]:
+        """Under the lock: make room for ``session``; (False, None) when none is idle,
+        else (True, the connection of the session closed for it, to close outside the
+        lock)."""
+        closing = None
+        if len(self._open) >= self.max_sessions:
+            victim = next((other for other in self._open if other.idle()), None)
+            if victim is None:
+                return False, None
+            closing = self._detach(victim)
+            log.info("session %s: connection to codex closed: least recently used, to make "
+                     "room (--max-sessions)", _session_name(victim.key))
+        self._open[session] = None
+        session.last_used = time.monotonic()
+        if self._reaper is None and (self.idle_timeout or self.request_timeout):
+            self._reaper = threading.Thread(target=self._reap, name="session-reaper",
+                                            daemon=True)
+            self._reaper.start()
+        return True, closing
+
+    def _touch(self, session: "Session") -> None:
+        session.last_used = time.monotonic()
+        if session in self._open:
+            self._open.move_to_end(session)
+
+    def _detach(self, session: "Session") -> Optional["CodexConnection"]:
+        """Under the lock: take the session's connection away; the caller closes it."""
+        connection, session.connection = session.connection, None
+        self._open.pop(session, None)
+        return connection
+
+    def _reap(self) -> None:
+        """Close idle sessions; fail the requests Codex has not answered in time."""
+        tick = max(0.05, min(1.0, *(limit / 4 for limit in (self.idle_timeout,
+                                                             self.request_timeout) if limit)))
+        while True:
+            time.sleep(tick)
+            try:
+                self._reap_once()
+            except Exception:  # this thread must go on: timeouts and idle closing hang on it
+                log.exception("internal error in the session reaper")
+
+    def _reap_once(self) -> None:
+        now = time.monotonic()
+        with self._lock:  # decided and detached at once: nothing slips in between
+            stale = [session for session in itertools.takewhile(
+                lambda s: s.last_used < now - self.idle_timeout, self._open)
+                if session.idle()] if self.idle_timeout else []
+            closing = [self._detach(session) for session in stale]
+            expired = [(session, call) for session in self._open
+                       for call in session.expired(now)] if self.request_timeout else []
+            self._in_flight -= len(expired)
+            self._lock.notify_all()
+        for session, connection in zip(stale, closing):
+            log.info("session %s: connection to codex closed: idle for %g s "
+                     "(--session-idle-timeout)", _session_name(session.key),
+                     self.idle_timeout)
+            connection.close()
+        for session, call in expired:
+            msg_id = call.request.get("id")
+            log.warning("session %s: %s request (id %r) timed out after %g s "
+                        "(--request-timeout)", _session_name(session.key),
+                        call.request["method"][:200], msg_id, self.request_timeout)
+            if msg_id is not None:
+                session.transport.send(rpc.error_response(
+                    msg_id, rpc.INTERNAL_ERROR, "request timed out after "
+                    f"{self.request_timeout:g} s"), call.done, call.route)
+
     # Requests and replies --------------------------------------------------
+
+    def _call(self, session: "Session", our_id: int, request: Message,
+              done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
+        """Under the lock: ``request`` is on its way to Codex as ``our_id``."""
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout \
+            else float("inf")
+        session.calls[our_id] = Call(request, done, route, deadline)
+        self._in_flight += 1
+
+    def _own(self, session: "Session", method: str, params: Any) -> bytes:
+        """Under the lock: a request of the server's own, encoded."""
+        our_id = session.new_id()
+        self._call(session, our_id, {"method": method, "params": params})
+        return rpc.encode({"id": our_id, "method": method, "params": params})
 
     def _answer_codex(self, answer: Message) -> None:
         """A client's answer to one of Codex's requests goes to the connection that asked."""
@@ -1120,7 +1329,7 @@ class CodexBackend(Backend):
             asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
             if asked is not None:
                 session, connection, codex_id = asked
-                self._pool.touch(session)
+                self._touch(session)
                 entry = session.asked.pop(codex_id, None)
                 if entry is not None and entry[1] is not None:
                     # Codex's serverRequest/resolved (which names a thread) is still to come.
@@ -1133,49 +1342,46 @@ class CodexBackend(Backend):
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
         session = connection.session
-        pending = retry = late = None
+        call = retry = None
         with self._lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
             if "id" in message:  # not a notification: some are broadcast to every session
-                self._pool.touch(session)
+                self._touch(session)
             if "method" in message:
                 message = self._ask_client(session, connection, message) if "id" in message \
                     else session.notified(message, self._asked)
                 route = session.route
+            elif message["id"] in session.late:  # its client was told; what it means counts
+                request = session.late.pop(message["id"])
+                session.answered(request, message)
+                log.warning("session %s: dropping codex's late answer to %s (id %r), which "
+                            "timed out", _session_name(session.key), request["method"][:200],
+                            request.get("id"))
+                return
             else:
-                pending = session.pending.pop(message["id"], None)
-                late = session.timed_out.pop(message["id"], None) if pending is None else None
-                if late is not None:  # its client was told; what it means still counts
-                    session.answered(late[0], message)
-                if pending is not None:
+                call = session.calls.get(message["id"])
+                retry = call is not None and _overloaded(call, message)
+                if call is not None and not retry:
+                    del session.calls[message["id"]]
                     self._in_flight -= 1
                     self._lock.notify_all()
-                    retry = session.answered(pending[0], message)
-                    if retry is not None:  # Codex is overloaded: ask again, not the client
-                        session.pending[message["id"]] = pending
-                        self._in_flight += 1
-                    else:
-                        session.deadlines.pop(message["id"], None)
-        if pending is not None and retry is not None:
+                    session.answered(call.request, message)
+        if retry:
             # Backoff on this session's reader: its later messages wait too, which is the
             # backpressure an overloaded Codex asks for.
-            time.sleep(min(2.0, 0.05 * 2 ** retry))
-            connection.send(rpc.encode(dict(pending[0], id=message["id"])))
-            return
-        if message is None:
+            call.retries += 1
+            time.sleep(min(2.0, 0.05 * 2 ** call.retries))
+            connection.send(rpc.encode(dict(call.request, id=message["id"])))
+        elif message is None:
             return  # nothing the client should see
-        if "method" in message:
-            self.transport.send(message, rpc.nothing, route)
-        elif late is not None:
-            log.warning("session %s: dropping codex's late answer to %s (id %r), which timed "
-                        "out", _session_name(session.key), late[0]["method"][:200],
-                        late[0].get("id"))
-        elif pending is None:
+        elif "method" in message:
+            session.transport.send(message, rpc.nothing, route)
+        elif call is None:
             log.warning("session %s: codex answered id %r, which no client asked",
                         _session_name(session.key), message.get("id"))
-        elif pending[0].get("id") is not None:  # None: a request of our own (a replay)
-            self.transport.send(dict(message, id=pending[0]["id"]), pending[1], pending[2])
+        elif call.request.get("id") is not None:  # None: a request of our own (a replay)
+            session.transport.send(dict(message, id=call.request["id"]), call.done, call.route)
 
     def _ask_client(self, session: "Session", connection: "CodexConnection",
                     request: Message) -> Message:
@@ -1187,17 +1393,17 @@ class CodexBackend(Backend):
         session.asked[request["id"]] = (outward, thread_id, False)
         return dict(request, id=outward)
 
-    def _connection_lost(self, connection: "CodexConnection", why: str) -> None:
+    def _connection_lost(self, connection: "CodexConnection", why: str,
+                         ending: bool = False) -> None:
         session = connection.session
+        ending = ending or self._closed
         with self._lock:
             if session.connection is not connection:
                 return  # closed on purpose, and idle then: nothing to tell
             session.connection = None
-            self._pool.release(session)
-            orphans, session.pending = list(session.pending.values()), {}
-            session.deadlines.clear()
-            session.timed_out.clear()
-            session.retries.clear()
+            self._open.pop(session, None)
+            orphans, session.calls = list(session.calls.values()), {}
+            session.late.clear()
             self._in_flight -= len(orphans)
             withdrawn, session.asked = list(session.asked.values()), {}
             for outward, _, _ in withdrawn:
@@ -1205,8 +1411,8 @@ class CodexBackend(Backend):
             turns, session.turns = session.turns, {}
             route = session.route
             self._lock.notify_all()
-        exited = None if self._closed else _exit_reason(connection.process, wait=2.0)
-        message = "codex-app-server is shutting down" if self._closed else \
+        exited = None if ending else _exit_reason(connection.process, wait=2.0)
+        message = "codex-app-server is shutting down" if ending else \
             f"codex app-server exited with {exited}" if exited else \
             f"the connection to codex app-server closed ({why})"
         (log.error if orphans or turns else log.info)(
@@ -1216,27 +1422,28 @@ class CodexBackend(Backend):
         # its open requests withdrawn first, then `error` and a failed `turn/completed`.
         for outward, thread_id, _ in withdrawn:
             if isinstance(thread_id, str):  # the notification names a thread
-                self.transport.send({"method": "serverRequest/resolved", "params": {
+                session.transport.send({"method": "serverRequest/resolved", "params": {
                     "threadId": thread_id, "requestId": outward}}, rpc.nothing, route)
         now = time.time()
         for turn_id, (thread_id, turn) in turns.items():
             error = {"message": message, "codexErrorInfo": "other", "additionalDetails": None,
                      "misalignment": None}
-            self.transport.send({"method": "error", "params": {
+            session.transport.send({"method": "error", "params": {
                 "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}},
                 rpc.nothing, route)
             started = turn.get("startedAt")
-            self.transport.send({"method": "turn/completed", "params": {
+            session.transport.send({"method": "turn/completed", "params": {
                 "threadId": thread_id, "turn": dict(
                     turn, items=[], itemsView="notLoaded", status="failed", error=error,
                     completedAt=int(now),
                     durationMs=int((now - started) * 1000) if _is_number(started) else None)}},
                 rpc.nothing, route)
-        for request, done, request_route in orphans:
-            if request.get("id") is not None:
-                self.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR, message if self._closed else
-                    f"{message} before answering"), done, request_route)
+        for call in orphans:
+            if call.request.get("id") is not None:
+                session.transport.send(rpc.error_response(
+                    call.request["id"], rpc.INTERNAL_ERROR, message if ending else
+                    f"{message} before answering"), call.done, call.route)
+
 
 
 SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
@@ -1249,13 +1456,32 @@ SESSION_THREADS = 1000  # threads a session resumes on a new connection, the new
 _SERVER_REQUEST_IDS = itertools.count(int(time.time() * 1_000_000))
 
 
+class Call:
+    """A request on its way through Codex: the client's request (``done`` and ``route`` for
+    its reply; none for a request of the server's own), its deadline, the retries so far."""
+
+    __slots__ = ("request", "done", "route", "deadline", "retries")
+
+    def __init__(self, request: Message, done: rpc.Done, route: rpc.Route, deadline: float):
+        self.request, self.done, self.route = request, done, route
+        self.deadline = deadline
+        self.retries = 0
+
+
+def _overloaded(call: Call, reply: Message) -> bool:
+    """Codex's "retry later", not yet retried 8 times: asked again, not passed on."""
+    error = reply.get("error")
+    return isinstance(error, dict) and error.get("code") == SERVER_OVERLOADED \
+        and call.retries < 8
+
+
 class Session:
     """One client of Codex: its connection, what is open on it, and what a new connection
     must be told (``initialize``, ``initialized``, the threads it loaded).  The backend's
     lock guards it."""
 
-    def __init__(self, backend: CodexBackend, key: Optional[bytes]):
-        self.backend = backend
+    def __init__(self, transport: Any, key: Optional[bytes]):
+        self.transport = transport  # where its replies go
         self.key = key
         self.route = rpc.Route(key)  # where what Codex sends unasked goes
         self.connection: Optional[CodexConnection] = None
@@ -1264,41 +1490,31 @@ class Session:
         self.init_result: Optional[Any] = None
         self.initialized = False  # the client sent the `initialized` notification
         self.threads: Dict[str, None] = {}  # loaded threads, oldest first
-        self.pending: Dict[int, Pending] = {}  # our id -> the client's request
-        self.deadlines: Dict[int, float] = {}  # our id -> when it times out
-        self.timed_out: Dict[int, Pending] = {}  # our id -> a request that timed out
+        self.calls: Dict[int, Call] = {}  # our id -> a request Codex has not answered
+        self.late: Dict[int, Message] = {}  # our id -> a request that timed out (the newest)
         # Codex's ids of its unresolved requests to the client -> (the client's id, thread id,
         # answered by the client)
         self.asked: Dict[Any, Tuple[int, Any, bool]] = {}
         self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
-        self.retries: Dict[int, int] = {}  # our id -> times Codex said "overloaded"
         self._next_id = 1
 
     def new_id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
 
-    def sent(self, our_id: int, timeout: float) -> None:
-        if timeout:
-            self.deadlines[our_id] = time.monotonic() + timeout
-
-    def expired(self, now: float) -> List[Pending]:
-        """Take the requests past their deadline out of ``pending``."""
-        late = [our_id for our_id, deadline in self.deadlines.items() if deadline <= now]
-        out = []
-        for our_id in late:
-            del self.deadlines[our_id]
-            request = self.pending.pop(our_id, None)
-            if request is not None:
-                if len(self.timed_out) >= 1000:
-                    self.timed_out.clear()  # only for a clearer warning: no need to keep all
-                self.timed_out[our_id] = request
-                out.append(request)
-        return out
+    def expired(self, now: float) -> List[Call]:
+        """Move the requests past their deadline from ``calls`` to ``late``."""
+        out = [(our_id, call) for our_id, call in self.calls.items() if call.deadline <= now]
+        if len(self.late) + len(out) > 1000:
+            self.late.clear()  # only for a clearer warning: no need to keep all
+        for our_id, call in out:
+            del self.calls[our_id]
+            self.late[our_id] = call.request
+        return [call for _, call in out]
 
     def idle(self) -> bool:
-        return not (self.pending or self.turns or any(not answered for _, _, answered
-                                                     in self.asked.values()))
+        return not (self.calls or self.turns or any(not answered for _, _, answered
+                                                   in self.asked.values()))
 
     def follow(self, route: rpc.Route) -> None:
         """A reply topic or partition the client names holds for what Codex sends unasked."""
@@ -1307,34 +1523,20 @@ class Session:
         elif route.partition is not None:
             self.route = rpc.Route(self.key, self.route.topic, route.partition)
 
-    def replay(self) -> List[bytes]:
-        """What a new connection is told before the client's next message."""
+    def replay(self, own: Callable[[str, Any], bytes]) -> List[bytes]:
+        """What a new connection is told before the client's next message; ``own(method,
+        params)`` makes a request of the server's own."""
         if self.init_result is None:
             self.init_params = None  # unanswered, lost with the connection: none to replay
             return []
-        out = [self._own("initialize", self.init_params)]
+        out = [own("initialize", self.init_params)]
         if self.initialized:
             out.append(rpc.encode({"method": "initialized"}))
-        out.extend(self._own("thread/resume", {"threadId": thread}) for thread in self.threads)
+        out.extend(own("thread/resume", {"threadId": thread}) for thread in self.threads)
         return out
 
-    def _own(self, method: str, params: Any) -> bytes:
-        our_id = self.new_id()
-        self.pending[our_id] = ({"method": method, "params": params}, rpc.nothing,
-                                rpc.DEFAULT_ROUTE)
-        self.sent(our_id, self.backend._pool.request_timeout)
-        self.backend._in_flight += 1
-        return rpc.encode({"id": our_id, "method": method, "params": params})
-
-    def answered(self, request: Message, reply: Message) -> Optional[int]:
-        """Learn from Codex's reply; a number: retry the request (Codex is overloaded)."""
-        error = reply.get("error")
-        if isinstance(error, dict) and error.get("code") == SERVER_OVERLOADED:
-            attempt = self.retries.get(reply["id"], 0) + 1
-            if attempt <= 8:
-                self.retries[reply["id"]] = attempt
-                return attempt
-        self.retries.pop(reply["id"], None)
+    def answered(self, request: Message, reply: Message) -> None:
+        """Learn from Codex's reply to ``request``."""
         method, result = request["method"], reply.get("result")
         if method == "initialize":
             if result is not None and request.get("id") is not None:
@@ -1362,7 +1564,6 @@ class Session:
             params = request.get("params")
             if isinstance(params, dict):
                 self.threads.pop(params.get("threadId"), None)
-        return None
 
     def notified(self, notification: Message, asked: Dict[int, Any]) -> Optional[Message]:
         """Track what a lost connection must end; rewrite the request ids notifications name."""
@@ -1384,97 +1585,10 @@ class Session:
             return dict(notification, params=dict(params, requestId=request[0]))
         return notification
 
-    def detach(self, pool: "SessionPool") -> Optional["CodexConnection"]:
-        """Take the connection away (under the lock); the caller closes it."""
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            pool.release(self)
-        return connection
-
 
 
 def _session_name(key: Optional[bytes]) -> str:
     return "(default)" if key is None else repr(key[:64].decode("utf-8", "replace"))
-
-
-class SessionPool:
-    """Which sessions hold a connection to Codex: at most ``max_sessions``, the least
-    recently used idle one closed to make room; any idle longer than ``idle_timeout``
-    closed by a reaper thread (0: never)."""
-
-    def __init__(self, max_sessions: int = 1000, idle_timeout: float = 600.0,
-                 request_timeout: float = 0.0):
-        self.lock = threading.Condition()
-        self.max_sessions = max_sessions
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self._open: "collections.OrderedDict[Session, None]" = collections.OrderedDict()
-        self._reaper: Optional[threading.Thread] = None
-
-    def admit(self, session: Session) -> Tuple[bool, Optional["CodexConnection"]]:
-        """Under the lock: make room for ``session``; (False, None) when none is idle,
-        else (True, the connection of the session closed for it, for the caller to close
-        outside the lock)."""
-        closing = None
-        if len(self._open) >= self.max_sessions:
-            victim = next((other for other in self._open if other.idle()), None)
-            if victim is None:
-                return False, None
-            closing = victim.detach(self)
-            log.info("session %s: connection to codex closed: least recently used, to make "
-                     "room (--max-sessions)", _session_name(victim.key))
-        self._open[session] = None
-        session.last_used = time.monotonic()
-        if self._reaper is None and (self.idle_timeout or self.request_timeout):
-            self._reaper = threading.Thread(target=self._reap, name="session-reaper",
-                                            daemon=True)
-            self._reaper.start()
-        return True, closing
-
-    def touch(self, session: Session) -> None:
-        session.last_used = time.monotonic()
-        if session in self._open:
-            self._open.move_to_end(session)
-
-    def release(self, session: Session) -> None:
-        self._open.pop(session, None)
-
-    def _reap(self) -> None:
-        """Close idle sessions; fail the requests Codex has not answered in time."""
-        tick = max(0.05, min(1.0, *(limit / 4 for limit in (self.idle_timeout,
-                                                             self.request_timeout) if limit)))
-        while True:
-            time.sleep(tick)
-            try:
-                self._reap_once()
-            except Exception:  # this thread must go on: timeouts and idle closing hang on it
-                log.exception("internal error in the session reaper")
-
-    def _reap_once(self) -> None:
-        now = time.monotonic()
-        with self.lock:  # decided and detached at once: nothing slips in between
-            stale = [session for session in itertools.takewhile(
-                lambda s: s.last_used < now - self.idle_timeout, self._open)
-                if session.idle()] if self.idle_timeout else []
-            closing = [session.detach(self) for session in stale]
-            expired = [(session, request) for session in self._open
-                       for request in session.expired(now)] if self.request_timeout else []
-            for session, _ in expired:
-                session.backend._in_flight -= 1
-            self.lock.notify_all()
-        for session, connection in zip(stale, closing):
-            log.info("session %s: connection to codex closed: idle for %g s "
-                     "(--session-idle-timeout)", _session_name(session.key),
-                     self.idle_timeout)
-            connection.close()
-        for session, (request, done, route) in expired:
-            log.warning("session %s: %s request (id %r) timed out after %g s "
-                        "(--request-timeout)", _session_name(session.key),
-                        request["method"][:200], request.get("id"), self.request_timeout)
-            if request.get("id") is not None:
-                session.backend.transport.send(rpc.error_response(
-                    request["id"], rpc.INTERNAL_ERROR, "request timed out after "
-                    f"{self.request_timeout:g} s"), done, route)
 
 
 class CodexUnavailable(Exception):
@@ -1573,7 +1687,6 @@ class CodexProcess:
     def __init__(self, argv: Sequence[str], max_size: int = CODEX_LINE_LIMIT):
         self.argv = list(argv)
         self.max_size = max_size
-        self.users = 0  # backends: the last one to close stops it
         self.starts = 0
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
@@ -1752,10 +1865,9 @@ def _platform_os() -> str:
     return sys.platform
 
 
-def backend_factory_for(args: argparse.Namespace,
-                        parser: argparse.ArgumentParser) -> BackendFactory:
+def backend_for(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Backend:
     if args.backend == "builtin":
-        return lambda transport: BuiltinBackend(transport, args.builtin_delay)
+        return BuiltinBackend(args.builtin_delay)
     command = args.codex_command or os.environ.get("CODEX_APP_SERVER_COMMAND") \
         or DEFAULT_CODEX_COMMAND
     try:
@@ -1767,10 +1879,11 @@ def backend_factory_for(args: argparse.Namespace,
                      "'npm install -g @openai/codex', or point --codex-command (or "
                      "$CODEX_APP_SERVER_COMMAND) at 'codex app-server', or use "
                      "--backend builtin for transport smoke tests.")
-    # One Codex and one pool of sessions for every transport (stdio is a session too).
-    codex = CodexProcess(argv, max_size=max(args.max_message_bytes, CODEX_LINE_LIMIT))
-    pool = SessionPool(args.max_sessions, args.session_idle_timeout, args.request_timeout)
-    return lambda transport: CodexBackend(transport, codex, pool, max_in_flight=args.queue_size)
+    return CodexBackend(CodexProcess(argv, max_size=max(args.max_message_bytes,
+                                                        CODEX_LINE_LIMIT)),
+                        args.max_sessions, args.session_idle_timeout, args.request_timeout,
+                        max_in_flight=args.queue_size)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -883,9 +883,16 @@ class KafkaTransport:
                  properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
                  dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
                  poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
-                 reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None):
-        """``stats_topic``: None without statistics, "" for statistics only logged."""
+                 reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None,
+                 session: Optional[str] = None, reply_topic: Optional[str] = None):
+        """``stats_topic``: None without statistics, "" for statistics only logged.
+
+        With ``session`` it is a client of a server (the proxy): it reads, without a
+        group, the records of its session in the partition the session maps to, from the
+        end; what it sends goes keyed by the session, naming ``reply_topic`` if given."""
         self.input_topic = input_topic
+        self.session = session.encode() if session is not None else None
+        self._reply_to = [("kafka_replyTopic", reply_topic.encode())] if reply_topic else []
         self.stats_topic = stats_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
@@ -974,7 +981,9 @@ class KafkaTransport:
                 message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
                                          f"{route.topic} {problem}: the reply cannot go there")
                 route = Route(route.session, correlation=route.correlation)
-        key = reply_key(message)
+        if self.session is not None:
+            route = Route(self.session)
+        key = self.session if self.session is not None else reply_key(message)
         value = encode_reply(message)
         if value is not None and len(value) > self.max_message_bytes:
             value = self._too_large(message, key, len(value))
@@ -984,6 +993,7 @@ class KafkaTransport:
         headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
         if reply:  # only the reply itself answers the correlation
             headers.extend(route.correlation)
+        headers.extend(self._reply_to)
         topic = route.topic or self.output_topic
         lane = (topic, route.session if route.partition is None else route.partition)
         self._produce(_Send(topic, key, value, headers or None, done, route.session,
@@ -1092,7 +1102,7 @@ class KafkaTransport:
             # (a send that raced a replacement says nothing about the new producer)
             self._producer_broken = self._producer_broken or self._why_fatal(error, send.producer)
         send.attempt += 1
-        delay = min(0.1 * 2 ** send.attempt, 5.0)
+        delay = min(0.1 * 2 ** min(send.attempt, 6), 5.0)
         send.due = time.monotonic() + delay
         log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
                     _shown(send.key), send.topic, error, send.attempt, delay)
@@ -1135,10 +1145,13 @@ class KafkaTransport:
                 budget -= 1
                 with self._lock:
                     send = self._held[lane][0]
+                attempt = send.attempt
                 if not self._produce(send, first=False):
                     break
                 with self._lock:
                     sends = self._held[lane]
+                    if send.attempt != attempt:
+                        break  # failed already (its future may fail at once): stays first
                     if sends[0] is send:
                         sends.pop(0)
                     if not sends:
@@ -1213,6 +1226,8 @@ class KafkaTransport:
                             f"{self._consumer_config.get('sasl_plain_username')!r} failed: "
                             f"{cause}") from None
                     cause = client_log.messages[0] if client_log.messages else str(exc)
+            if self._consumer is not None and self.session is not None:
+                return self._assign(kafka)
             if self._consumer is not None:
                 self._consumer.subscribe([self.input_topic],
                                          listener=_rebalance_listener(kafka, self))
@@ -1221,7 +1236,9 @@ class KafkaTransport:
                 return True
             _close_producer(self._producer, 0)
             self._producer = None
-            if not _RETRYABLE.search(cause) and time.monotonic() > deadline:
+            # A server waits for its brokers; a client (the proxy) is told.
+            if (self.session is not None or not _RETRYABLE.search(cause)) \
+                    and time.monotonic() > deadline:
                 raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
                                       f"--kafka-connect-timeout: {cause}")
             log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
@@ -1229,6 +1246,20 @@ class KafkaTransport:
             self._shutdown.wait(delay)
             delay = min(delay * 2, 30.0)
         return False
+
+    def _assign(self, kafka: Any) -> bool:
+        """A client's reading: its session's partition, from the end, so that nothing
+        sent after ``ready`` is missed."""
+        partitions = self._consumer.partitions_for_topic(self.input_topic)
+        if not partitions:
+            raise FatalKafkaError(f"topic {self.input_topic} does not exist")
+        partition = kafka.TopicPartition(self.input_topic,
+                                         _murmur2(self.session) % len(partitions))
+        self._consumer.assign([partition])
+        self._consumer.seek_to_end(partition)
+        log.info("kafka consumer reading %s partition %d for session %s", self.input_topic,
+                 partition.partition, _shown(self.session))
+        return True
 
     def _consume(self) -> None:
         consumer = self._consumer
@@ -1276,6 +1307,10 @@ class KafkaTransport:
         self._partitions = looks
 
     def _take(self, partition: Any, record: Any, done: Done) -> None:
+        if self.session is not None and (SESSION_HEADER, self.session) not in (
+                record.headers or ()):
+            done()  # another session's
+            return
         value = record.value or b""
         message = None
         try:
@@ -1373,6 +1408,8 @@ class KafkaTransport:
     def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False,
                 force: bool = False) -> None:
         now = time.monotonic()
+        if self._consumer_config.get("group_id") is None:
+            return  # a client's reading: no group, nothing to commit
         if not (sync or force) and now - self._last_commit < 0.1:
             return  # at most ten asynchronous commits a second
         self._last_commit = now

@@ -373,16 +373,15 @@ class Recorder:
 class Exploding(app.Backend):
     """A backend with a bug: it raises on the method "boom"."""
 
-    def handle(self, message, done, route):
+    def handle(self, transport, message, done, route):
         if message.get("method") == "boom":
             raise RuntimeError("a bug")
-        self.transport.send({"id": message["id"], "result": {}}, done, route)
+        transport.send({"id": message["id"], "result": {}}, done, route)
 
 
 def test_a_failing_message_becomes_its_own_error_and_the_next_is_handled(caplog):
     transport = Recorder()
-    processor = app.Processor(Exploding)
-    processor.register(transport)
+    processor = app.Processor(Exploding())
     acknowledged = []
     for msg_id, method in ((1, "boom"), (2, "noop")):
         processor.submit(transport, {"id": msg_id, "method": method},
@@ -416,9 +415,7 @@ def test_method_policy(allow, deny, allowed, refused):
 
 def test_refused_methods_get_method_not_found_and_notifications_are_dropped(caplog):
     transport = Recorder()
-    processor = app.Processor(lambda t: app.BuiltinBackend(t),
-                              policy=app.MethodPolicy(deny=["noop"]))
-    processor.register(transport)
+    processor = app.Processor(app.BuiltinBackend(), policy=app.MethodPolicy(deny=["noop"]))
     acknowledged = []
     for message in ({"id": 1, "method": "noop"}, {"method": "noop"},
                     {"id": 2, "method": "initialize"}):
@@ -465,15 +462,49 @@ def test_a_producer_kafka_python_gave_up_on_is_replaced():
     assert "no send acknowledged" in transport._why_fatal(Exception("x"), producer)
 
 
+class FailedAtOnce:
+    """A producer whose every send fails before its errback is added (kafka-python's
+    send() can return such a future)."""
+
+    class Future:
+        def add_callback(self, callback):
+            pass
+
+        def add_errback(self, errback):
+            errback(RuntimeError("failed at once"))
+
+    def send(self, *args, **kwargs):
+        return self.Future()
+
+
+def test_a_retry_that_fails_at_once_stays_held_and_backoff_is_bounded(caplog):
+    transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
+                                                       "group.id": "g"})
+    transport._producer = FailedAtOnce()
+    acknowledged = []
+    transport.send({"id": 1, "result": {}}, lambda: acknowledged.append(1),
+                   rpc.Route(partition=0))
+    [held] = transport._held.values()
+    send = held[0]
+    for _ in range(3):
+        send.due = 0.0
+        transport._resend_failed(replace=False)
+        assert transport._held and list(transport._held.values())[0][0] is send  # not lost
+    assert send.attempt == 4 and not acknowledged
+    send.attempt = 5000  # hours of failing: the backoff stays 5 s, no OverflowError
+    transport._failed(send, RuntimeError("again"))
+    assert send.due <= time.monotonic() + 5.0
+
+
 def test_builtin_backend_answers_and_acknowledges():
     transport = Recorder()
-    backend = app.BuiltinBackend(transport)
+    backend = app.BuiltinBackend()
     acknowledged = []
     for msg_id, method in ((1, "initialize"), ("n", "noop"), (2, "thread/start")):
-        backend.handle({"id": msg_id, "method": method, "params": {}},
+        backend.handle(transport, {"id": msg_id, "method": method, "params": {}},
                        lambda msg_id=msg_id: acknowledged.append(msg_id))
-    backend.handle({"method": "initialized"}, rpc.nothing)
-    backend.handle({"id": 9, "result": {}}, rpc.nothing)
+    backend.handle(transport, {"method": "initialized"}, rpc.nothing)
+    backend.handle(transport, {"id": 9, "result": {}}, rpc.nothing)
     assert acknowledged == [1, "n", 2]  # each request's done travels with its reply
     init, noop, unknown = transport.sent
     assert init["id"] == 1
@@ -486,10 +517,21 @@ def test_builtin_backend_answers_and_acknowledges():
 
 # --- docs match the CLI ----------------------------------------------------------
 
-def help_flags():
-    text = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True,
-                          timeout=30).stdout
+def help_flags(*command):
+    text = subprocess.run([sys.executable, SERVER, *command, "--help"], capture_output=True,
+                          text=True, timeout=30).stdout
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+|-[A-Za-z])\b", text)) - {"-h"}
+
+
+def test_every_proxy_flag_is_documented_in_its_table_and_no_other():
+    doc = (ROOT / "docs" / "kafka.md").read_text()
+    section = doc.split("`codex-app-server proxy`\n")[1].split("## 4.")[0]
+    table = section.split("| Flag |")[1].split("\n\n")[0]
+    flags = help_flags("proxy")
+    assert {"--kafka-session", "--kafka-reply-topic", "--timeout", "-X"} <= flags
+    documented = set(re.findall(r"`(--[a-z][a-z0-9-]+|-X)\b", table))
+    assert flags - {"--kafka-property", "--version", "--help"} <= documented, flags - documented
+    assert documented <= flags, documented - flags
 
 
 def test_every_help_flag_is_documented_and_every_documented_flag_exists():
@@ -710,8 +752,8 @@ def test_codex_overload_is_retried_not_passed_on():
             return [{"id": message["id"], "result": {"ok": True}}]
         return []
     transport = Recorder()
-    backend = app.CodexBackend(transport, ScriptedCodex(answer), app.SessionPool(10, 0))
-    backend.handle({"id": 7, "method": "x", "params": {}})
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend.handle(transport, {"id": 7, "method": "x", "params": {}})
     wait_for(lambda: transport.sent, "no reply")
     assert transport.sent == [{"id": 7, "result": {"ok": True}}]
     assert len(attempts) == 3 and len(set(attempts)) == 1, attempts
@@ -724,13 +766,13 @@ def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
                     {"id": message["id"], "result": {}}]
         return []
     transport = Recorder()
-    backend = app.CodexBackend(transport, ScriptedCodex(answer), app.SessionPool(10, 0))
-    backend.handle({"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"s"))
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend.handle(transport, {"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"s"))
     wait_for(lambda: len(transport.sent) == 2, "no request and reply")
     asked = next(m for m in transport.sent if "method" in m)
-    session = backend._sessions[b"s"]
+    session = backend._sessions[transport, b"s"]
     assert not session.idle()  # Codex waits for the client's answer
-    backend.handle({"id": asked["id"], "result": {"accessToken": "t"}})
+    backend.handle(transport, {"id": asked["id"], "result": {"accessToken": "t"}})
     assert session.idle()
     codex_side = backend._codex.sockets[0].sent[-1]
     assert codex_side == {"id": 0, "result": {"accessToken": "t"}}, codex_side
@@ -748,15 +790,15 @@ def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state()
         return [{"id": message["id"], "result": {}}]
     transport = Recorder()
     codex = ScriptedCodex(answer)
-    backend = app.CodexBackend(transport, codex, app.SessionPool(10, 0.2))
+    backend = app.CodexBackend(codex, 10, 0.2)
     init = {"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "t"}}}
     for key in (b"busy", b"idle"):
-        backend.handle(dict(init), route=rpc.Route(key))
-    backend.handle({"id": 2, "method": "slow", "params": {}}, route=rpc.Route(b"busy"))
-    wait_for(lambda: backend._sessions[b"idle"].connection is None, "idle not closed")
+        backend.handle(transport, dict(init), route=rpc.Route(key))
+    backend.handle(transport, {"id": 2, "method": "slow", "params": {}}, route=rpc.Route(b"busy"))
+    wait_for(lambda: backend._sessions[transport, b"idle"].connection is None, "idle not closed")
     time.sleep(0.5)
-    assert backend._sessions[b"busy"].connection is not None  # something in flight
-    backend.handle({"id": 3, "method": "again", "params": {}}, route=rpc.Route(b"idle"))
+    assert backend._sessions[transport, b"busy"].connection is not None  # something in flight
+    backend.handle(transport, {"id": 3, "method": "again", "params": {}}, route=rpc.Route(b"idle"))
     reopened = codex.sockets[-1].sent
     assert [m.get("method") for m in reopened] == ["initialize", "again"], reopened
     assert reopened[0]["params"] == init["params"]
