@@ -78,9 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               args.kafka_input_topic)
         server = Server(proxy_backend, shutdown_timeout=5.0,
                         max_message_bytes=args.max_message_bytes)
-        proxy_backend.transports = server.transports
-        kafka = server.add_kafka(args)
-        server.add_stdio(after=kafka.ready, ends_server=True)
+        proxy_backend.kafka = server.add_kafka(args)
+        proxy_backend.stdio = server.add_stdio(after=proxy_backend.kafka.ready, proxy=True)
     else:
         policy = MethodPolicy(args.allow_method or (), args.deny_method or ()) \
             if args.allow_method or args.deny_method else None
@@ -138,7 +137,8 @@ def build_parser(proxy: bool = False) -> argparse.ArgumentParser:
         kafka.add_argument("--kafka-group-id", metavar="GROUP", type=_nonempty,
                            help="consumer group of this server")
     kafka.add_argument("--kafka-client-id", metavar="ID", type=_nonempty,
-                       help="client id of consumer and producer (default: codex-app-server)")
+                       help="client id of consumer and producer (default: codex-app-server%s)"
+                            % ("-proxy" if proxy else ""))
     if not proxy:
         kafka.add_argument("--kafka-offset-reset", choices=("latest", "earliest"),
                            help="where a group without committed offsets starts "
@@ -188,6 +188,7 @@ def build_parser(proxy: bool = False) -> argparse.ArgumentParser:
                         help="log level on stderr (default: %s)" % (
                             "WARNING" if proxy else "INFO"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(proxy=proxy)
     return parser
 
 
@@ -236,7 +237,7 @@ def parse_args(parser: argparse.ArgumentParser,
                argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and cross-check flags; usage errors exit 2 through ``parser.error``."""
     args = parser.parse_args(argv)
-    proxy = hasattr(args, "timeout")
+    proxy = args.proxy
     args.kafka = proxy or any(getattr(args, name, None) is not None for name in KAFKA_FLAGS)
     args.stats_interval = 0.0
     if not args.kafka:
@@ -268,7 +269,7 @@ def parse_args(parser: argparse.ArgumentParser,
     elif args.stats_topic and args.stats_topic in (
             args.kafka_input_topic, args.kafka_output_topic, args.kafka_dead_letter_topic):
         parser.error("--stats-topic must differ from the input, output and dead-letter topics")
-    properties.setdefault("client.id", "codex-app-server")
+    properties.setdefault("client.id", "codex-app-server-proxy" if proxy else "codex-app-server")
     if not proxy:
         properties.setdefault("auto.offset.reset", "latest")
     missing = [flag for flag, present in (
@@ -454,13 +455,16 @@ class Server:
         return transport
 
     def add_stdio(self, after: Optional[threading.Event] = None,
-                  ends_server: bool = False) -> None:
-        """Stdio, read once ``after`` is set; its end ends the server when ``ends_server``
-        (or when it is the only transport) once what it awaits is in."""
-        self._stdio_ends_server = ends_server
-        self.transports.append(StdioTransport(self.processor.submit, self._stdio_closed,
-                                              self.max_message_bytes,
-                                              answer=self.processor.answer, after=after))
+                  proxy: bool = False) -> "StdioTransport":
+        """Stdio, read once ``after`` is set.  The proxy's stdio takes each line at once,
+        not through the queue (so replies owed are known at stdin's end), and its end ends
+        the server (as it does when it is the only transport) once they are in."""
+        self._stdio_ends_server = proxy
+        stdio = StdioTransport(self.processor.answer if proxy else self.processor.submit,
+                               self._stdio_closed, self.max_message_bytes,
+                               answer=self.processor.answer, after=after)
+        self.transports.append(stdio)
+        return stdio
 
     def install_signal_handlers(self) -> None:
         for signum in STOP_SIGNALS:
@@ -824,6 +828,10 @@ class StdioTransport:
                                      daemon=True).start()
         done()
 
+    @property
+    def writable(self) -> bool:
+        return not self._stdout_gone
+
     def shutdown(self) -> None:
         self._shutdown.set()
 
@@ -961,61 +969,74 @@ class BuiltinBackend(Backend):
 
 class Proxy(Backend):
     """The backend of ``codex-app-server proxy``: what one transport takes goes out on the
-    other as it is (stdin to Kafka, Kafka to stdout).  A request from stdin without a
-    reply after ``timeout`` is answered with an error naming the topic its reply was
-    awaited on, so a client never hangs on an absent or silent server; a reply that
-    comes later is dropped with a WARNING."""
+    other (stdin to Kafka, Kafka to stdout), on the reading thread, so in order.  Requests
+    from stdin go out under ids of the proxy's own, restored on the reply: a client may
+    reuse ids.  One without a reply after ``timeout`` is answered with an error naming
+    the topic its reply was awaited on, so a client never hangs on an absent or silent
+    server; a reply that comes later is dropped with a WARNING."""
 
     def __init__(self, timeout: float, awaited: str, server_topic: str):
         self.timeout = timeout
-        self.transports: List[Any] = []  # the server's: Kafka, then stdio
+        self.kafka: Any = None
+        self.stdio: Any = None
         self._awaited, self._server_topic = awaited, server_topic
-        self._waiting: Dict[Any, float] = {}  # id of a request from stdin -> its deadline
+        self._ids = itertools.count(1)
+        self._waiting: Dict[int, Tuple[Any, float]] = {}  # ours -> (the client's id, deadline)
         self._changed = threading.Condition()
+        self._dropped_log = rpc.LogThrottle()
         threading.Thread(target=self._expire, name="proxy-timeouts", daemon=True).start()
 
     def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
-        kafka, stdio = self.transports
         kind = rpc.kind(message)
-        with self._changed:
-            if transport is stdio and kind == rpc.REQUEST:
-                self._waiting[message["id"]] = time.monotonic() + self.timeout
-            elif transport is kafka and kind in (rpc.RESPONSE, rpc.ERROR):
-                if self._waiting.pop(message["id"], None) is None:
-                    log.warning("dropping a reply to id %r, which no request waits for "
-                                "(answered already, or timed out)", message["id"])
-                    done()
-                    return
+        if transport is self.stdio and kind == rpc.REQUEST:
+            with self._changed:
+                our_id = next(self._ids)
+                self._waiting[our_id] = (message["id"], time.monotonic() + self.timeout)
+            message = dict(message, id=our_id)
+        elif transport is self.kafka and kind in (rpc.RESPONSE, rpc.ERROR):
+            with self._changed:
+                waiting = self._waiting.pop(message["id"], None)
                 self._changed.notify_all()
-        (stdio if transport is kafka else kafka).send(message, done)
+            if waiting is None:
+                self._dropped_log.warning(log, "dropping a reply to id %r, which no request "
+                                          "waits for (answered already, or timed out)",
+                                          message["id"])
+                return
+            message = dict(message, id=waiting[0])
+        # A request's done goes with it; for the rest the processor calls it.
+        (self.stdio if transport is self.kafka else self.kafka).send(
+            message, done if kind == rpc.REQUEST else rpc.nothing)
 
     def end(self, transport: Any, deadline: float) -> None:
-        self.close(time.monotonic() + self.timeout + 1.0)  # each reply, or its timeout error
+        """Stdin's end: the replies still owed (or their timeout errors) first, while Kafka
+        is still read; none when stdout is gone too."""
+        deadline = time.monotonic() + self.timeout + 1.0
+        with self._changed:
+            while self._waiting and self.stdio.writable and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
 
     def close(self, deadline: float) -> None:
-        with self._changed:  # what stdin asked is answered, or times out
-            while self._waiting and time.monotonic() < deadline:
-                self._changed.wait(deadline - time.monotonic())
-            left, self._waiting = list(self._waiting), {}
-        for msg_id in left:
-            self.transports[1].send(rpc.error_response(
-                msg_id, rpc.INTERNAL_ERROR, "codex-app-server proxy is shutting down"))
+        with self._changed:  # a signal: Kafka is no longer read, nothing more is coming
+            left, self._waiting = list(self._waiting.values()), {}
+        self._answer(left, "codex-app-server proxy is shutting down")
 
     def _expire(self) -> None:
         while True:
             time.sleep(max(0.05, min(1.0, self.timeout / 10)))
             now = time.monotonic()
             with self._changed:
-                late = [msg_id for msg_id, deadline in self._waiting.items() if deadline <= now]
-                for msg_id in late:
-                    del self._waiting[msg_id]
+                late = [ours for ours, (_, deadline) in self._waiting.items() if deadline <= now]
+                late = [self._waiting.pop(ours) for ours in late]
                 self._changed.notify_all()
-            for msg_id in late:
-                text = f"no reply within {self.timeout:g} s on Kafka topic {self._awaited} " \
-                       f"(is a codex-app-server reading {self._server_topic}?)"
-                log.warning("request %r: %s", msg_id, text)
-                self.transports[1].send(rpc.error_response(msg_id, rpc.INTERNAL_ERROR, text))
+            self._answer(late, f"no reply within {self.timeout:g} s on Kafka topic "
+                               f"{self._awaited} (is a codex-app-server reading "
+                               f"{self._server_topic}?)")
+
+    def _answer(self, requests: List[Tuple[Any, float]], text: str) -> None:
+        for msg_id, _ in requests:
+            log.warning("request %r: %s", msg_id, text)
+            self.stdio.send(rpc.error_response(msg_id, rpc.INTERNAL_ERROR, text))
 
 
 class CodexBackend(Backend):
@@ -1054,12 +1075,13 @@ class CodexBackend(Backend):
         self._reaper: Optional[threading.Thread] = None
         self._stop_deadline = float("inf")
         self._closed = False
+        self._ended: List[Any] = []  # transports whose client is gone (stdin closed)
 
     def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         kind = rpc.kind(message)
         if kind in (rpc.RESPONSE, rpc.ERROR):
-            self._answer_codex(message)
+            self._answer_codex(transport, route, message)
             return
         session = self._session(transport, route)
         if kind == rpc.REQUEST and message["method"] == "initialize":
@@ -1117,6 +1139,8 @@ class CodexBackend(Backend):
             self._lock.notify_all()
 
     def end(self, transport: Any, deadline: float) -> None:
+        with self._lock:
+            self._ended.append(transport)
         self._finish(transport, deadline)
 
     def close(self, deadline: float) -> None:
@@ -1156,7 +1180,8 @@ class CodexBackend(Backend):
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
                             unanswered)
             connections = [session.connection for session in self._open
-                           if transport in (None, session.transport)]
+                           if transport in (None, session.transport)
+                           and session.connection is not None]  # (None: still connecting)
         if transport is None:  # every connection ends with it, quickly
             self._codex.stop(deadline)
         for connection in connections:
@@ -1176,7 +1201,8 @@ class CodexBackend(Backend):
                 # A closed session's state is small, but clients choose keys: keep the newest.
                 excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self.max_sessions)
                 for old in list(itertools.islice(self._sessions, max(0, excess))):
-                    if self._sessions[old].connection is None and self._sessions[old].idle():
+                    if self._sessions[old].connection is None and self._sessions[old].idle() \
+                            and self._sessions[old] not in self._open:  # (not connecting)
                         del self._sessions[old]
             else:
                 self._sessions.move_to_end(key)
@@ -1197,7 +1223,7 @@ class CodexBackend(Backend):
             self._connection_lost(connection, "closed")
         failure = closing = None
         with self._lock:
-            if self._closed:
+            if self._closed or session.transport in self._ended:
                 failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
             else:
                 # Every session busy: one is often done within milliseconds (a burst of new
@@ -1230,8 +1256,19 @@ class CodexBackend(Backend):
         connection = CodexConnection(websocket, process, session, self._from_codex,
                                      self._connection_lost)
         with self._lock:
-            session.connection = connection
-            replay = session.replay(functools.partial(self._own, session))
+            ended = self._closed or session.transport in self._ended  # while connecting
+            if ended:
+                self._open.pop(session, None)
+            else:
+                session.connection = connection
+                replay = session.replay(functools.partial(self._own, session))
+        if ended:
+            connection.close()
+            if rpc.kind(message) == rpc.REQUEST:
+                session.transport.send(rpc.error_response(
+                    message["id"], rpc.INTERNAL_ERROR, "codex-app-server is shutting down"),
+                    done, route)
+            return None
         connection._reader.start()
         for data in replay:  # its state first: Codex takes a connection's messages in order
             connection.send(data)
@@ -1245,7 +1282,8 @@ class CodexBackend(Backend):
         lock)."""
         closing = None
         if len(self._open) >= self.max_sessions:
-            victim = next((other for other in self._open if other.idle()), None)
+            victim = next((other for other in self._open
+                           if other.connection is not None and other.idle()), None)
             if victim is None:
                 return False, None
             closing = self._detach(victim)
@@ -1286,7 +1324,8 @@ class CodexBackend(Backend):
         with self._lock:  # decided and detached at once: nothing slips in between
             stale = [session for session in itertools.takewhile(
                 lambda s: s.last_used < now - self.idle_timeout, self._open)
-                if session.idle()] if self.idle_timeout else []
+                if session.connection is not None and session.idle()] \
+                if self.idle_timeout else []
             closing = [self._detach(session) for session in stale]
             expired = [(session, call) for session in self._open
                        for call in session.expired(now)] if self.request_timeout else []
@@ -1323,10 +1362,16 @@ class CodexBackend(Backend):
         self._call(session, our_id, {"method": method, "params": params})
         return rpc.encode({"id": our_id, "method": method, "params": params})
 
-    def _answer_codex(self, answer: Message) -> None:
-        """A client's answer to one of Codex's requests goes to the connection that asked."""
+    def _answer_codex(self, transport: Any, route: rpc.Route, answer: Message) -> None:
+        """A client's answer to one of Codex's requests goes to the connection that asked,
+        when it comes from the session that was asked."""
         with self._lock:
-            asked = self._asked.pop(answer["id"], None)  # a second answer finds nothing
+            asked = self._asked.get(answer["id"])
+            if asked is not None and (asked[0].transport, asked[0].key) == (transport,
+                                                                           route.session):
+                del self._asked[answer["id"]]  # a second answer finds nothing
+            else:
+                asked = None
             if asked is not None:
                 session, connection, codex_id = asked
                 self._touch(session)
@@ -1337,8 +1382,8 @@ class CodexBackend(Backend):
         if asked is not None and connection.send(rpc.encode(dict(answer, id=codex_id))):
             return
         log.warning("dropping a client answer to codex request %r, which no connection to "
-                    "codex is waiting for (answered already, withdrawn, or its connection "
-                    "closed)", answer["id"])
+                    "codex is waiting for (answered already, withdrawn, its connection "
+                    "closed, or asked of another session)", answer["id"])
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
         session = connection.session

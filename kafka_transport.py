@@ -1176,14 +1176,18 @@ class KafkaTransport:
 
     def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
         over = size - self.max_message_bytes
-        log.error("reply too large for kafka (key %s): %d bytes, %d over the limit of %d "
-                  "(--kafka-max-message-bytes)", _shown(key), size, over, self.max_message_bytes)
+        what = "request" if self.session is not None and "method" in message else "reply"
+        log.error("%s too large for kafka (key %s): %d bytes, %d over the limit of %d "
+                  "(--kafka-max-message-bytes)", what, _shown(key), size, over,
+                  self.max_message_bytes)
+        text = f"{what} too large for Kafka: {size} bytes, {over} bytes over the limit of " \
+               f"{self.max_message_bytes} (--kafka-max-message-bytes)"
+        if what == "request" and "id" in message:  # a client's (the proxy's): it hears so
+            self._sink.answer(self, error_response(message["id"], INVALID_REQUEST, text),
+                              nothing, DEFAULT_ROUTE)
         if key is None or "method" in message:
             return None
-        return encode(error_response(
-            message["id"], INTERNAL_ERROR,
-            f"reply too large for Kafka: {size} bytes, {over} bytes over the limit of "
-            f"{self.max_message_bytes} (--kafka-max-message-bytes)"))
+        return encode(error_response(message["id"], INTERNAL_ERROR, text))
 
     # The consumer thread -----------------------------------------------
 
@@ -1307,9 +1311,8 @@ class KafkaTransport:
         self._partitions = looks
 
     def _take(self, partition: Any, record: Any, done: Done) -> None:
-        if self.session is not None and (SESSION_HEADER, self.session) not in (
-                record.headers or ()):
-            done()  # another session's
+        if self.session is not None:
+            self._take_reply(record, done)
             return
         value = record.value or b""
         message = None
@@ -1345,6 +1348,34 @@ class KafkaTransport:
             self._sink.answer(self, message, done, route)
             return
         self._backlog.append((partition, message, done, route))
+
+    def _take_reply(self, record: Any, done: Done) -> None:
+        """A client's record (the proxy's): only its session's, each to the sink at once, so
+        in the server's order.  One that cannot be read is answered here: an error for the
+        request it answers, or back to the server for Codex's request."""
+        if (SESSION_HEADER, self.session) not in (record.headers or ()):
+            done()  # another session's
+            return
+        value = record.value or b""
+        try:
+            if len(value) > self.max_input_bytes:
+                raise oversized(value[:1024], len(value), self.max_input_bytes)
+            message = decode(value, max_depth=None)  # the server relays Codex's, as Codex's
+        except InvalidMessage as exc:
+            self.counts["invalid"] += 1
+            self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
+                                      "offset %d: %s", record.topic, record.partition,
+                                      record.offset, exc.reason)
+            complete = len(value) <= self.max_input_bytes
+            what, msg_id = peek(value if complete else value[:4096], complete)
+            if msg_id is not None and what == REQUEST:
+                self.send(error_response(msg_id, exc.code, exc.reason))
+            if msg_id is None or what != RESPONSE:
+                done()
+                return
+            message = error_response(msg_id, INTERNAL_ERROR, f"the server's reply cannot be "
+                                                             f"read: {exc.reason}")
+        self._sink.answer(self, message, done, DEFAULT_ROUTE)
 
     def _offer_backlog(self) -> None:
         if self._backlog:

@@ -174,6 +174,23 @@ def test_two_proxies_same_ids_each_sees_only_its_own(broker, start_server, proxi
         assert proxy.lines.get(timeout=1) is None  # nothing else, nobody else's
 
 
+def test_stdin_ending_right_after_requests_still_gets_their_replies(topics, start_server,
+                                                                   proxies):
+    start_server(["--backend", "builtin"] + topics.server_args()).wait_ready()
+    proxy = proxies(proxy_argv(topics))
+    for msg_id in (5, 5, "x"):  # a client may reuse an id: each request gets its reply
+        proxy.send({"jsonrpc": "2.0", "id": msg_id, "method": "noop", "params": {}})
+    status, stderr = proxy.finish()
+    assert status == 0, stderr
+    replies = []
+    while True:
+        line = proxy.lines.get(timeout=5)
+        if line is None:
+            break
+        replies.append(json.loads(line))
+    assert replies == [{"jsonrpc": "2.0", "id": msg_id, "result": {}} for msg_id in (5, 5, "x")]
+
+
 def test_without_a_server_a_request_times_out_on_stdout_and_eof_exits_0(topics, proxies):
     proxy = proxies(proxy_argv(topics, "--timeout", "2"))
     started = time.monotonic()

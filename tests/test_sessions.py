@@ -249,3 +249,20 @@ def test_a_burst_of_new_sessions_waits_for_room_instead_of_being_refused(codex_s
         assert refused == [], refused[:3]
     finally:
         reader.close()
+
+
+def test_stdin_ending_while_its_session_connects_leaves_kafka_serving(codex_server, topics):
+    """Kafka and stdio: stdin's one request is still connecting to Codex (its first start)
+    when stdin ends; the stdio session ends with it, and nothing else does."""
+    server = codex_server(topics, "--stdio", stdin=subprocess.PIPE)
+    server.process.stdin.write(json.dumps({"id": 1, "method": "initialize", "params": {
+        "clientInfo": CLIENT_INFO}}).encode() + b"\n")
+    server.process.stdin.close()
+    server.wait_for_log("stdin closed")
+    client = KafkaClient(topics)
+    try:
+        initialize(client, 2)  # Kafka goes on
+    finally:
+        client.close()
+    assert server.process.poll() is None and "transport failed" not in server.log, server.log
+    assert server.stop() == 0, server.log

@@ -529,7 +529,8 @@ def test_every_proxy_flag_is_documented_in_its_table_and_no_other():
     table = section.split("| Flag |")[1].split("\n\n")[0]
     flags = help_flags("proxy")
     assert {"--kafka-session", "--kafka-reply-topic", "--timeout", "-X"} <= flags
-    documented = set(re.findall(r"`(--[a-z][a-z0-9-]+|-X)\b", table))
+    first_cells = " ".join(row.split("|")[1] for row in table.splitlines()[2:])
+    documented = set(re.findall(r"`(--[a-z][a-z0-9-]+|-X)\b", first_cells))
     assert flags - {"--kafka-property", "--version", "--help"} <= documented, flags - documented
     assert documented <= flags, documented - flags
 
@@ -772,10 +773,33 @@ def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
     asked = next(m for m in transport.sent if "method" in m)
     session = backend._sessions[transport, b"s"]
     assert not session.idle()  # Codex waits for the client's answer
-    backend.handle(transport, {"id": asked["id"], "result": {"accessToken": "t"}})
+    backend.handle(transport, {"id": asked["id"], "result": {"accessToken": "t"}},
+                   route=rpc.Route(b"s"))
     assert session.idle()
     codex_side = backend._codex.sockets[0].sent[-1]
     assert codex_side == {"id": 0, "result": {"accessToken": "t"}}, codex_side
+
+
+def test_an_approval_is_answered_only_by_the_session_it_was_asked_of(caplog):
+    def answer(message):
+        if message.get("method") == "ask":
+            return [{"id": 0, "method": "item/commandExecution/requestApproval",
+                     "params": {"threadId": "t"}}]
+        return []
+    transport, other = Recorder(), Recorder()
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend.handle(transport, {"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"a"))
+    wait_for(lambda: transport.sent, "no approval request")
+    asked = transport.sent[0]["id"]
+    for who, key in ((transport, b"b"), (other, b"a"), (transport, None)):
+        backend.handle(who, {"id": asked, "result": {"decision": "accept"}},
+                       route=rpc.Route(key))
+    codex_side = backend._codex.sockets[0].sent
+    assert [m for m in codex_side if "result" in m] == [], codex_side
+    assert caplog.text.count("asked of another session") == 3
+    backend.handle(transport, {"id": asked, "result": {"decision": "accept"}},
+                   route=rpc.Route(b"a"))
+    assert codex_side[-1] == {"id": 0, "result": {"decision": "accept"}}, codex_side
 
 
 def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state():
