@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import kafka_transport as rpc
 
@@ -57,7 +57,7 @@ KAFKA_PROPERTY_FLAGS = {"kafka_bootstrap_servers": "bootstrap.servers",
 KAFKA_FLAGS = tuple(KAFKA_PROPERTY_FLAGS) + (
     "kafka_input_topic", "kafka_output_topic", "kafka_property", "kafka_config",
     "kafka_connect_timeout", "kafka_max_message_bytes", "kafka_dead_letter_topic",
-    "kafka_reply_topic_pattern", "stats_topic")
+    "kafka_reply_topic_pattern", "stats_topic", "kafka_session_topic")
 DEFAULT_CODEX_COMMAND = "codex app-server"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # Kafka's default record limit is 1 MiB
 CODEX_LINE_LIMIT = 64 * 1024 * 1024  # Codex's replies (a thread's history, a file) can be big
@@ -155,6 +155,10 @@ def build_parser(proxy: bool = False) -> argparse.ArgumentParser:
                                 "(kafka_replyTopic, REPLY_TOPIC, reply_to) must match this "
                                 "whole; others get a JSON-RPC error on the output topic "
                                 "(default: any)")
+        kafka.add_argument("--kafka-session-topic", metavar="TOPIC", type=_topic,
+                           help="compacted topic keeping each session's initialize and threads, "
+                                "so a session carries on after a restart or on another server "
+                                "of the group")
         kafka.add_argument("--stats-topic", metavar="TOPIC", type=_topic,
                            help="also produce each statistics line (-X "
                                 "statistics.interval.ms) to this topic, keyed by the client id")
@@ -302,6 +306,11 @@ def parse_args(parser: argparse.ArgumentParser,
     if not proxy and args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
             args.kafka_input_topic, args.kafka_output_topic):
         parser.error("--kafka-dead-letter-topic must differ from the input and output topics")
+    if not proxy and args.kafka_session_topic and args.kafka_session_topic in (
+            args.kafka_input_topic, args.kafka_output_topic, args.kafka_dead_letter_topic,
+            args.stats_topic):
+        parser.error("--kafka-session-topic must differ from the input, output, dead-letter "
+                     "and stats topics")
     return args
 
 
@@ -450,7 +459,8 @@ class Server:
             max_input_bytes=self.max_message_bytes,
             reply_topic_pattern=getattr(args, "kafka_reply_topic_pattern", None),
             stats_topic=(args.stats_topic or "") if args.stats_interval else None,
-            session=session, reply_topic=reply_topic)
+            session=session, reply_topic=reply_topic,
+            session_topic=getattr(args, "kafka_session_topic", None))
         self.transports.append(transport)
         return transport
 
@@ -663,6 +673,10 @@ class Processor:
         requests that fill the queue (a turn waiting for its approval)."""
         self._handle(transport, message, done, route)
 
+    def revoked(self, transport: Any, partitions: Set[int]) -> None:
+        """Kafka's: these input partitions moved to another server (see ``_handle``)."""
+        self.backend.revoked(transport, partitions)
+
     def has_room(self) -> bool:
         """Below the low-water mark: a paused transport may resume."""
         return len(self._items) < self._low_water
@@ -686,6 +700,10 @@ class Processor:
     def _handle(self, transport: Any, message: Message, done: rpc.Done,
                 route: rpc.Route) -> None:
         kind = rpc.kind(message)
+        if not transport.owns(route):  # its partition moved: the new owner reads it again
+            log.debug("skipping a %s of a partition this server no longer reads", kind)
+            self._call(done)
+            return
         if self._policy is not None and "method" in message \
                 and not self._policy.allows(message["method"]):
             method = message["method"][:200]
@@ -832,6 +850,9 @@ class StdioTransport:
     def writable(self) -> bool:
         return not self._stdout_gone
 
+    def owns(self, route: rpc.Route) -> bool:
+        return True
+
     def shutdown(self) -> None:
         self._shutdown.set()
 
@@ -930,6 +951,9 @@ class Backend:
 
     def stopping(self, deadline: float) -> None:
         """Shutdown has begun: stop waiting for room by ``deadline``."""
+
+    def revoked(self, transport: Any, partitions: Set[int]) -> None:
+        """These input partitions of ``transport`` moved to another server."""
 
     def end(self, transport: Any, deadline: float) -> None:
         """``transport``'s client is gone (stdin closed): finish its work by ``deadline``."""
@@ -1076,6 +1100,7 @@ class CodexBackend(Backend):
         self._stop_deadline = float("inf")
         self._closed = False
         self._ended: List[Any] = []  # transports whose client is gone (stdin closed)
+        self._saving = threading.Lock()  # one session's saves in order
 
     def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
@@ -1100,8 +1125,10 @@ class CodexBackend(Backend):
             if connection is None:
                 return
             if kind != rpc.REQUEST:
-                session.initialized |= message["method"] == "initialized"
+                if message["method"] == "initialized":
+                    session.initialized = session.changed = True
                 connection.send(rpc.encode(message))
+                self._save(session)
                 return
             with self._lock:
                 # Backpressure: a slow Codex holds the processor, so the queue fills and
@@ -1141,24 +1168,45 @@ class CodexBackend(Backend):
     def end(self, transport: Any, deadline: float) -> None:
         with self._lock:
             self._ended.append(transport)
-        self._finish(transport, deadline)
+        self._finish(lambda session: session.transport is transport, deadline)
+
+    def revoked(self, transport: Any, partitions: Set[int]) -> None:
+        """The sessions last heard from on these input partitions are another server's now:
+        in a thread of their own (the caller is Kafka's), they finish what they hold, for
+        up to REVOKE_WAIT s, then close; what they leave unanswered is not answered here
+        (the new owner reads it again), and their state is forgotten (when a partition
+        comes back, the session store has the newer one)."""
+        def moved(session: Session) -> bool:
+            return session.transport is transport and session.source in partitions
+
+        def finish() -> None:
+            self._finish(moved, time.monotonic() + REVOKE_WAIT,
+                         "the session moved to another server", answer=False)
+            with self._lock:
+                for key in [key for key, session in self._sessions.items() if moved(session)
+                            and session.connection is None and session not in self._open]:
+                    del self._sessions[key]
+        threading.Thread(target=finish, name="revoked-sessions", daemon=True).start()
 
     def close(self, deadline: float) -> None:
         with self._lock:
             self._closed = True
-        self._finish(None, deadline)
+        self._finish(lambda session: True, deadline, stop_codex=True)
 
     def stats(self) -> Dict[str, int]:
         with self._lock:
             return {"sessions": len(self._open), "in_flight": self._in_flight,
                     "codex_restarts": max(0, self._codex.starts - 1)}
 
-    def _finish(self, transport: Any, deadline: float) -> None:
-        """Let the sessions of ``transport`` (None: all, and then Codex) finish their requests
-        and running turns; near the deadline interrupt the turns, which then complete as
-        such (within a second at least); then close their connections."""
+    def _finish(self, which: Callable[["Session"], bool], deadline: float,
+                why: str = "codex-app-server is shutting down", answer: bool = True,
+                stop_codex: bool = False) -> None:
+        """Let the sessions ``which`` says finish their requests and running turns; near the
+        deadline interrupt the turns, which then complete as such (within a second at
+        least); then close their connections, answering what is still owed with ``why``
+        (when ``answer``)."""
         def busy(turns: bool = True) -> List[Session]:
-            return [session for session in self._open if transport in (None, session.transport)
+            return [session for session in self._open if which(session)
                     and (session.calls or turns and session.turns)]
         with self._lock:
             grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
@@ -1179,13 +1227,12 @@ class CodexBackend(Backend):
             if unanswered:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
                             unanswered)
-            connections = [session.connection for session in self._open
-                           if transport in (None, session.transport)
+            connections = [session.connection for session in self._open if which(session)
                            and session.connection is not None]  # (None: still connecting)
-        if transport is None:  # every connection ends with it, quickly
+        if stop_codex:  # every connection ends with it, quickly
             self._codex.stop(deadline)
         for connection in connections:
-            self._connection_lost(connection, "", ending=True)  # what it owes is answered
+            self._connection_lost(connection, "", ending=why, answer=answer)
             connection.close()
         for connection in connections:
             connection.ended.wait(max(0.1, deadline - time.monotonic()))
@@ -1198,6 +1245,10 @@ class CodexBackend(Backend):
             session = self._sessions.get(key)
             if session is None:
                 session = self._sessions[key] = Session(transport, route.session)
+                load = getattr(transport, "load", None)
+                state = load(route.session) if load is not None else None
+                if state:  # saved by this server before a restart, or by another one
+                    session.restore(state)
                 # A closed session's state is small, but clients choose keys: keep the newest.
                 excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self.max_sessions)
                 for old in list(itertools.islice(self._sessions, max(0, excess))):
@@ -1348,6 +1399,26 @@ class CodexBackend(Backend):
 
     # Requests and replies --------------------------------------------------
 
+    def _save(self, session: "Session", done: rpc.Done = rpc.nothing) -> None:
+        """The session's state to the session store (Kafka's), when it changed, then
+        ``done``; in order, as the saves of one session may come from two threads."""
+        save = getattr(session.transport, "save", None)
+        if save is None or not session.changed:
+            done()
+            return
+        with self._saving:
+            with self._lock:
+                session.changed = False
+                state = session.state()
+                if state == session.saved:
+                    state = None
+                else:
+                    session.saved = state
+            if state is None:
+                done()
+            else:
+                save(session.key, state, done)
+
     def _call(self, session: "Session", our_id: int, request: Message,
               done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
         """Under the lock: ``request`` is on its way to Codex as ``our_id``."""
@@ -1403,7 +1474,7 @@ class CodexBackend(Backend):
                 log.warning("session %s: dropping codex's late answer to %s (id %r), which "
                             "timed out", _session_name(session.key), request["method"][:200],
                             request.get("id"))
-                return
+                message = None
             else:
                 call = session.calls.get(message["id"])
                 retry = call is not None and _overloaded(call, message)
@@ -1412,6 +1483,13 @@ class CodexBackend(Backend):
                     self._in_flight -= 1
                     self._lock.notify_all()
                     session.answered(call.request, message)
+        if call is not None and not retry and session.changed:
+            # Its offset commits once the state it changed is saved too: after a crash, the
+            # request is read again rather than the session found without it.
+            call.done = rpc.after(2, call.done)
+            self._save(session, call.done)
+        else:
+            self._save(session)
         if retry:
             # Backoff on this session's reader: its later messages wait too, which is the
             # backpressure an overloaded Codex asks for.
@@ -1439,9 +1517,12 @@ class CodexBackend(Backend):
         return dict(request, id=outward)
 
     def _connection_lost(self, connection: "CodexConnection", why: str,
-                         ending: bool = False) -> None:
+                         ending: Optional[str] = None, answer: bool = True) -> None:
+        """Tell the session its connection is gone: its requests fail (unless not
+        ``answer``), Codex's requests to it are withdrawn, its running turns fail.
+        ``ending``: why, when the server ended it on purpose."""
         session = connection.session
-        ending = ending or self._closed
+        ending = ending or ("codex-app-server is shutting down" if self._closed else None)
         with self._lock:
             if session.connection is not connection:
                 return  # closed on purpose, and idle then: nothing to tell
@@ -1457,7 +1538,7 @@ class CodexBackend(Backend):
             route = session.route
             self._lock.notify_all()
         exited = None if ending else _exit_reason(connection.process, wait=2.0)
-        message = "codex-app-server is shutting down" if ending else \
+        message = ending if ending else \
             f"codex app-server exited with {exited}" if exited else \
             f"the connection to codex app-server closed ({why})"
         (log.error if orphans or turns else log.info)(
@@ -1483,7 +1564,7 @@ class CodexBackend(Backend):
                     completedAt=int(now),
                     durationMs=int((now - started) * 1000) if _is_number(started) else None)}},
                 rpc.nothing, route)
-        for call in orphans:
+        for call in orphans if answer else ():
             if call.request.get("id") is not None:
                 session.transport.send(rpc.error_response(
                     call.request["id"], rpc.INTERNAL_ERROR, message if ending else
@@ -1495,6 +1576,7 @@ SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
 SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
 SESSION_WAIT = 1.0  # seconds a new session waits for an idle one to close, at --max-sessions
 SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
+REVOKE_WAIT = 10.0  # seconds the sessions of a partition that moved away may finish in
 # Ids of Codex's requests as the clients see them, never reused, also across restarts: they
 # start at the boot time in microseconds (a late answer from before a restart finds nothing),
 # and stay below 2**53 for clients that read numbers as doubles.
@@ -1541,6 +1623,9 @@ class Session:
         # answered by the client)
         self.asked: Dict[Any, Tuple[int, Any, bool]] = {}
         self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
+        self.source: Optional[int] = None  # the input partition it was last heard from
+        self.changed = False  # its state may have changed since it was saved
+        self.saved = b""  # its state as last saved
         self._next_id = 1
 
     def new_id(self) -> int:
@@ -1563,10 +1648,30 @@ class Session:
 
     def follow(self, route: rpc.Route) -> None:
         """A reply topic or partition the client names holds for what Codex sends unasked."""
+        if route.source is not None:
+            self.source = route.source
         if route.topic is not None:
             self.route = rpc.Route(self.key, route.topic, route.partition)
         elif route.partition is not None:
             self.route = rpc.Route(self.key, self.route.topic, route.partition)
+
+    def state(self) -> bytes:
+        """What the session store keeps: what a new connection is told (``replay``)."""
+        return rpc.encode({"initialize": self.init_params, "result": self.init_result,
+                           "initialized": self.initialized, "threads": list(self.threads)})
+
+    def restore(self, state: bytes) -> None:
+        """Take the state a server saved (``state``); a broken one is ignored."""
+        try:
+            saved = json.loads(state)
+            threads = [thread for thread in saved["threads"] if isinstance(thread, str)]
+            if saved["result"] is not None:
+                self.init_params, self.init_result = saved["initialize"], saved["result"]
+                self.initialized = saved["initialized"] is True
+            self.threads = dict.fromkeys(threads[-SESSION_THREADS:])
+            self.saved = state
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("session %s: ignoring its saved state: %r", _session_name(self.key), exc)
 
     def replay(self, own: Callable[[str, Any], bytes]) -> List[bytes]:
         """What a new connection is told before the client's next message; ``own(method,
@@ -1583,6 +1688,7 @@ class Session:
     def answered(self, request: Message, reply: Message) -> None:
         """Learn from Codex's reply to ``request``."""
         method, result = request["method"], reply.get("result")
+        self.changed |= method == "initialize" or method.startswith("thread/")
         if method == "initialize":
             if result is not None and request.get("id") is not None:
                 self.init_result = result

@@ -364,17 +364,20 @@ class Route:
     """Where a message came from and where what answers it goes: ``session`` is the
     client's record key (None: the default session); ``topic`` and ``partition`` the reply
     topic and partition it asked for (None: the output topic, and the session's partition
-    there); ``correlation`` the headers to echo on the reply to this very message."""
+    there); ``correlation`` the headers to echo on the reply to this very message;
+    ``source`` the input partition it came from (None: not from Kafka)."""
 
-    __slots__ = ("session", "topic", "partition", "correlation")
+    __slots__ = ("session", "topic", "partition", "correlation", "source")
 
     def __init__(self, session: Optional[bytes] = None, topic: Optional[str] = None,
                  partition: Optional[int] = None,
-                 correlation: Tuple[Tuple[str, bytes], ...] = ()):
+                 correlation: Tuple[Tuple[str, bytes], ...] = (),
+                 source: Optional[int] = None):
         self.session = session
         self.topic = topic
         self.partition = partition
         self.correlation = correlation
+        self.source = source
 
 
 DEFAULT_ROUTE = Route()
@@ -884,7 +887,8 @@ class KafkaTransport:
                  dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
                  poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
                  reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None,
-                 session: Optional[str] = None, reply_topic: Optional[str] = None):
+                 session: Optional[str] = None, reply_topic: Optional[str] = None,
+                 session_topic: Optional[str] = None):
         """``stats_topic``: None without statistics, "" for statistics only logged.
 
         With ``session`` it is a client of a server (the proxy): it reads, without a
@@ -893,6 +897,14 @@ class KafkaTransport:
         self.input_topic = input_topic
         self.session = session.encode() if session is not None else None
         self._reply_to = [("kafka_replyTopic", reply_topic.encode())] if reply_topic else []
+        # The session store: each session's state (compacted topic, key = the session).
+        self.session_topic = session_topic
+        self._states: Dict[bytes, bytes] = {}  # as read from it, and as saved since
+        self._store: Any = None  # its reader: a consumer of every partition, no group
+        self._store_behind = True  # read it to its end before taking the next records
+        self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
+        self._assigned: frozenset = frozenset()  # input partitions this server reads
+        self._revoked: Set[int] = set()  # taken away in the rebalance under way
         self.stats_topic = stats_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
@@ -998,6 +1010,28 @@ class KafkaTransport:
         lane = (topic, route.session if route.partition is None else route.partition)
         self._produce(_Send(topic, key, value, headers or None, done, route.session,
                             route.partition, lane, reply))
+
+    def owns(self, route: Route) -> bool:
+        """Whether the record ``route`` came with is still this server's to answer: after its
+        partition moved to another server, that one reads it again."""
+        return route.source is None or route.source in self._assigned
+
+    def load(self, session: Optional[bytes]) -> Optional[bytes]:
+        """The state last saved for ``session`` in the session topic (None: none)."""
+        return self._states.get(session or b"")
+
+    def save(self, session: Optional[bytes], state: bytes, done: Done = nothing) -> None:
+        """Save ``session``'s state to the session topic, keyed by the session (the default
+        session by the empty key), at least once and in order; then ``done`` runs."""
+        if self.session_topic is None:
+            done()
+        else:
+            key = session or b""
+            self._states[key] = state
+            if self._saved_meanwhile is not None:
+                self._saved_meanwhile.add(key)
+            self._produce(_Send(self.session_topic, key, state, None, done, key, None,
+                                (self.session_topic, key)))
 
     def stats(self) -> Dict[str, Any]:
         """Counters, pause state, unacknowledged sends and, per input partition, position,
@@ -1233,6 +1267,8 @@ class KafkaTransport:
             if self._consumer is not None and self.session is not None:
                 return self._assign(kafka)
             if self._consumer is not None:
+                if self.session_topic is not None:
+                    self._open_store(kafka)
                 self._consumer.subscribe([self.input_topic],
                                          listener=_rebalance_listener(kafka, self))
                 log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
@@ -1265,6 +1301,67 @@ class KafkaTransport:
                  partition.partition, _shown(self.session))
         return True
 
+    def _open_store(self, kafka: Any) -> None:
+        """The session topic's reader; FatalKafkaError when the topic is missing or the broker
+        says it is not compacted (an old state would then be lost, or outlive its sessions)."""
+        topic = self.session_topic
+        create = f"create it with: kafka-topics.sh --create --topic {topic} --config " \
+                 "cleanup.policy=compact"
+        config = {key: value for key, value in self._consumer_config.items()
+                  if key in kafka.KafkaAdminClient.DEFAULT_CONFIG}
+        admin = kafka.KafkaAdminClient(**config)
+        try:
+            if topic not in admin.list_topics():
+                raise FatalKafkaError(f"session topic {topic} does not exist: {create}")
+            from kafka.admin import ConfigResource, ConfigResourceType
+            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            policy = described.get("topic", {}).get(topic, {}).get("cleanup.policy") \
+                if isinstance(described, dict) else None
+        finally:
+            admin.close()
+        policy = policy.get("value", policy) if isinstance(policy, dict) else policy
+        if policy is None:
+            log.warning("the brokers do not say whether session topic %s is compacted: it must "
+                        "be (cleanup.policy=compact)", topic)
+        elif "compact" not in str(policy):
+            raise FatalKafkaError(f"session topic {topic} has cleanup.policy={policy}: it must "
+                                  "be compacted (cleanup.policy=compact), or it loses the state "
+                                  "of sessions as it deletes old records")
+        reader = dict(self._consumer_config)
+        reader.pop("group_id", None)
+        self._store = kafka.KafkaConsumer(**reader)
+        partitions = [kafka.TopicPartition(topic, partition) for partition in
+                      sorted(self._store.partitions_for_topic(topic) or ())]
+        self._store.assign(partitions)
+        self._store.seek_to_beginning(*partitions)
+
+    def _read_store(self) -> None:
+        """Read the session topic to its end as of now: every session's last saved state.
+        What this server saves meanwhile is newer than what is read, so it is kept."""
+        store, started = self._store, time.monotonic()
+        self._saved_meanwhile = set()
+        try:
+            ends = store.end_offsets(list(store.assignment()))
+            read = 0
+            while any(store.position(tp) < end for tp, end in ends.items()):
+                if time.monotonic() - started > 60:
+                    log.warning("session topic %s: not read to its end within 60 s; sessions "
+                                "not yet read start anew", self.session_topic)
+                    break
+                for records in store.poll(timeout_ms=100).values():
+                    for record in records:
+                        if record.key is not None and record.key not in self._saved_meanwhile:
+                            self._states[record.key] = record.value
+                            read += 1
+        except Exception as exc:  # the broker is away: the next assignment tries again
+            log.warning("session topic %s cannot be read: %s", self.session_topic, exc)
+            return
+        finally:
+            self._saved_meanwhile = None
+        self._store_behind = False
+        log.info("session topic %s read (%d records, %.2f s)", self.session_topic, read,
+                 time.monotonic() - started)
+
     def _consume(self) -> None:
         consumer = self._consumer
         errors = _import_kafka().errors
@@ -1282,6 +1379,8 @@ class KafkaTransport:
                 log.exception("kafka poll failed unexpectedly")
                 self._shutdown.wait(0.5)
                 continue
+            if self._store is not None and self._store_behind:
+                self._read_store()  # what a moved session's last owner saved, first
             if not self.ready.is_set() and consumer.assignment():
                 self._announce_ready()
             if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
@@ -1328,6 +1427,7 @@ class KafkaTransport:
                                                 or route.topic.startswith("__")):
                     raise InvalidMessage(f"reply topic {route.topic} is not allowed: the "
                                          "input topic and internal topics never are")
+            route.source = record.partition
         except InvalidMessage as exc:
             if message is not None and kind(message) == REQUEST:
                 exc.id = message["id"]  # a usable message with an unusable route
@@ -1403,7 +1503,7 @@ class KafkaTransport:
                                   "offset %d: %s", record.topic, record.partition,
                                   record.offset, error.reason)
         if self.dead_letter_topic and error.id is not None:
-            done = _after(2, done)  # the record is done once both sends are acknowledged
+            done = after(2, done)  # the record is done once both sends are acknowledged
         if self.dead_letter_topic:
             headers = [("__connect.errors.topic", record.topic.encode()),
                        ("__connect.errors.partition", str(record.partition).encode()),
@@ -1480,12 +1580,16 @@ class KafkaTransport:
         self._commit(sync=True, force=True)
         log.info("closing kafka consumer")
         self._consumer.close(autocommit=False)
+        if self._store is not None:
+            self._store.close(autocommit=False)
 
     def _partitions_revoked(self, revoked: Any) -> None:
         # Commit what is done in partitions that move elsewhere; the rest is redelivered.
         # Asynchronously: kafka-python 3 runs listeners on its IO thread, where a blocking
         # commit is refused.
         revoked = set(revoked)
+        self._assigned = self._assigned - {tp.partition for tp in revoked}
+        self._revoked |= {tp.partition for tp in revoked}  # moved, unless assigned again
         self._commit(revoked, force=True)
         self._offsets.forget(revoked)
         self._backlog = collections.deque(item for item in self._backlog
@@ -1627,7 +1731,7 @@ def _murmur2(key: bytes) -> int:
     return murmur2(key) & 0x7FFFFFFF
 
 
-def _after(count: int, done: Done) -> Done:
+def after(count: int, done: Done) -> Done:
     """A ``done`` that runs ``done`` at its ``count``-th call (from whichever thread)."""
     lock = threading.Lock()
     calls = [0]
@@ -1672,6 +1776,11 @@ def _rebalance_listener(kafka: Any, transport: KafkaTransport) -> Any:
         def on_partitions_assigned(self, assigned: Any) -> None:
             log.info("kafka partitions assigned: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "none")
+            transport._assigned = frozenset(tp.partition for tp in assigned)
+            transport._store_behind = True
+            moved, transport._revoked = transport._revoked - transport._assigned, set()
+            if moved and hasattr(transport._sink, "revoked"):  # their sessions end here
+                transport._sink.revoked(transport, moved)
             if not assigned:  # joined, with nothing to read: as ready as it will be
                 transport.ready.set()
 

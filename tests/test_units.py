@@ -369,6 +369,9 @@ class Recorder:
         self.sent.append(message)
         done()
 
+    def owns(self, route):
+        return True
+
 
 class Exploding(app.Backend):
     """A backend with a bug: it raises on the method "boom"."""

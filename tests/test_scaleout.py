@@ -1,0 +1,111 @@
+"""Issue 11: sessions that survive restarts and move between servers: each session's state in
+a compacted session topic, servers sharing a group.  Real broker, real Codex (mock model);
+the servers of a test share one CODEX_HOME, as the docs require for threads to move."""
+
+import signal
+import time
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from conftest import KafkaClient, Topics, local_broker
+from test_codex import (  # noqa: F401 (fixtures)
+    CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model,
+    notification, request, text_input)
+
+
+def session_topics(broker: Any, partitions: int = 1) -> Tuple[Topics, str]:
+    from kafka.admin import KafkaAdminClient, NewTopic
+    topics = Topics(broker.bootstrap, create=False)
+    local_broker.create_topics(broker.bootstrap, [topics.input], partitions=partitions)
+    local_broker.create_topics(broker.bootstrap, [topics.output])
+    store = topics.output + ".sessions"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:  # as the docs say: compacted
+        admin.create_topics([NewTopic(store, 2, 1,
+                                      topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        admin.close()
+    return topics, store
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "idle, then SIGKILL", "moved"])
+def test_a_session_carries_on_without_a_new_initialize(codex_server, broker, mock_model, how):
+    topics, store = session_topics(broker)
+    extra = ("--kafka-session-topic", store, "--session-idle-timeout", "1")
+    first = codex_server(topics, *extra)
+    client = KafkaClient(topics, b"alice")
+    try:
+        initialize(client, 1)
+        thread = request(client, 2, "thread/start", {})["thread"]["id"]
+        mock_model.add_text("Hello.", n_deltas=1)  # (Codex saves a thread at its first turn)
+        request(client, 3, "turn/start", {"threadId": thread, "input": text_input("hello")})
+        notification(client, "turn/completed", threadId=thread)
+        if how.startswith("idle"):
+            first.wait_for_log("idle for 1 s")
+        if how == "moved":  # a second server of the group takes the partition over
+            second = codex_server(None, *topics.server_args(*extra))
+            second.wait_for_log("kafka partitions assigned", timeout=30)
+            first.stop(signal.SIGTERM)
+        else:
+            first.stop(getattr(signal, how.split()[-1]))
+            codex_server(topics, *extra)
+        mock_model.add_text("Still here.", n_deltas=2)
+        turn = request(client, 10, "turn/start", {"threadId": thread,
+                                                  "input": text_input("still there?")})
+        assert turn["turn"]["status"] == "inProgress", turn
+        done = notification(client, "turn/completed", threadId=thread)
+        assert done["turn"]["status"] == "completed", done
+    finally:
+        client.close()
+
+
+def test_two_servers_one_group_answer_everything_through_a_kill(codex_server, broker):
+    topics, store = session_topics(broker, partitions=4)
+    extra = ("--kafka-session-topic", store)
+    servers = [codex_server(topics, *extra) for _ in range(2)]
+    for server in servers:  # both in the group, each with partitions of its own
+        server.wait_for_log("kafka partitions assigned: " + topics.input, timeout=30)
+    time.sleep(1)
+    sessions = [f"s{n}".encode() for n in range(40)]
+    client = KafkaClient(topics, every_session=True)
+    try:
+        for session in sessions:
+            client.send({"id": 0, "method": "initialize", "params": {"clientInfo": CLIENT_INFO}},
+                        key=session)
+        for round_ in range(1, 6):
+            for session in sessions:
+                client.send({"id": round_, "method": "thread/loaded/list", "params": {}},
+                            key=session)
+            if round_ == 3:  # mid-stream: some of this round in flight there
+                servers[0].stop(signal.SIGKILL)
+            time.sleep(0.5)
+        want = {(session.decode(), n) for session in sessions for n in range(6)}
+
+        def answered() -> Dict[Tuple[str, int], List[Any]]:
+            got: Dict[Tuple[str, int], List[Any]] = {}
+            for (_, value), headers in zip(client.seen, client.headers):
+                who = dict(headers).get("codex-session", b"").decode()
+                if "id" in value and "method" not in value:
+                    got.setdefault((who, value["id"]), []).append(value)
+            return got
+        deadline = time.monotonic() + 90
+        while not want <= set(answered()) and time.monotonic() < deadline:
+            client.poll()
+        got = answered()
+        assert want <= set(got), sorted(want - set(got))[:10]
+        errors = [v for replies in got.values() for v in replies if "error" in v]
+        assert errors == [], errors[:5]
+        # The survivor took the dead server's partitions and restored its sessions.
+        servers[1].wait_for_log("kafka partitions assigned: ", count=2)
+        assert "Not initialized" not in servers[1].log
+    finally:
+        client.close()
+
+
+def test_a_session_topic_that_does_not_exist_is_a_clear_start_up_error(codex_server, broker):
+    topics = Topics(broker.bootstrap)
+    server = codex_server(None, *topics.server_args("--kafka-session-topic", "no.such.topic"))
+    assert server.process.wait(60) == 3, server.log
+    assert "session topic no.such.topic does not exist" in server.log, server.log
+    assert "cleanup.policy=compact" in server.log, server.log
