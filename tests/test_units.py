@@ -805,6 +805,26 @@ def test_an_approval_is_answered_only_by_the_session_it_was_asked_of(caplog):
     assert codex_side[-1] == {"id": 0, "result": {"decision": "accept"}}, codex_side
 
 
+def test_a_saved_session_state_round_trips_and_garbage_is_ignored(caplog):
+    session = app.Session(None, b"k")
+    session.init_params, session.init_result = {"clientInfo": {"name": "t"}}, {"userAgent": "u"}
+    session.initialized = True
+    session.threads = dict.fromkeys(["t1", "t2"])
+    restored = app.Session(None, b"k")
+    restored.restore(session.state())
+    assert (restored.init_params, restored.init_result, restored.initialized,
+            list(restored.threads)) == (session.init_params, session.init_result, True,
+                                        ["t1", "t2"])
+    own = []
+    assert len(restored.replay(lambda method, params: own.append(method) or b"")) == 4
+    assert own == ["initialize", "thread/resume", "thread/resume"]
+    for garbage in (b"\xff", b"[]", b'{"threads": 5}', b"null", b'{"initialize": {}}'):
+        fresh = app.Session(None, b"k")
+        fresh.restore(garbage)
+        assert fresh.init_result is None and fresh.threads == {}
+    assert caplog.text.count("ignoring its saved state") == 5
+
+
 def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state():
     held = []
 
