@@ -306,6 +306,8 @@ def parse_args(parser: argparse.ArgumentParser,
     if not proxy and args.kafka_dead_letter_topic and args.kafka_dead_letter_topic in (
             args.kafka_input_topic, args.kafka_output_topic):
         parser.error("--kafka-dead-letter-topic must differ from the input and output topics")
+    if not proxy and args.kafka_session_topic and args.backend != "codex":
+        parser.error("--kafka-session-topic keeps the sessions of --backend codex")
     if not proxy and args.kafka_session_topic and args.kafka_session_topic in (
             args.kafka_input_topic, args.kafka_output_topic, args.kafka_dead_letter_topic,
             args.stats_topic):
@@ -673,6 +675,10 @@ class Processor:
         requests that fill the queue (a turn waiting for its approval)."""
         self._handle(transport, message, done, route)
 
+    def settle(self, transport: Any, deadline: float) -> None:
+        """Kafka's, as a rebalance begins: what is in flight is answered, by ``deadline``."""
+        self.backend.settle(transport, deadline)
+
     def revoked(self, transport: Any, partitions: Set[int]) -> None:
         """Kafka's: these input partitions moved to another server (see ``_handle``)."""
         self.backend.revoked(transport, partitions)
@@ -952,6 +958,9 @@ class Backend:
     def stopping(self, deadline: float) -> None:
         """Shutdown has begun: stop waiting for room by ``deadline``."""
 
+    def settle(self, transport: Any, deadline: float) -> None:
+        """A rebalance of ``transport`` begins: answer what is in flight by ``deadline``."""
+
     def revoked(self, transport: Any, partitions: Set[int]) -> None:
         """These input partitions of ``transport`` moved to another server."""
 
@@ -1100,7 +1109,6 @@ class CodexBackend(Backend):
         self._stop_deadline = float("inf")
         self._closed = False
         self._ended: List[Any] = []  # transports whose client is gone (stdin closed)
-        self._saving = threading.Lock()  # one session's saves in order
 
     def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
                route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
@@ -1170,23 +1178,30 @@ class CodexBackend(Backend):
             self._ended.append(transport)
         self._finish(lambda session: session.transport is transport, deadline)
 
-    def revoked(self, transport: Any, partitions: Set[int]) -> None:
-        """The sessions last heard from on these input partitions are another server's now:
-        in a thread of their own (the caller is Kafka's), they finish what they hold, for
-        up to REVOKE_WAIT s, then close; what they leave unanswered is not answered here
-        (the new owner reads it again), and their state is forgotten (when a partition
-        comes back, the session store has the newer one)."""
-        def moved(session: Session) -> bool:
-            return session.transport is transport and session.source in partitions
+    def settle(self, transport: Any, deadline: float) -> None:
+        with self._lock:  # (turns go on: a partition that stays keeps its sessions)
+            while any(session.calls for session in self._open if session.transport is transport
+                      and session.key is not None) and time.monotonic() < deadline:
+                self._lock.wait(max(0.0, min(0.1, deadline - time.monotonic())))
 
-        def finish() -> None:
-            self._finish(moved, time.monotonic() + REVOKE_WAIT,
-                         "the session moved to another server", answer=False)
-            with self._lock:
-                for key in [key for key, session in self._sessions.items() if moved(session)
-                            and session.connection is None and session not in self._open]:
-                    del self._sessions[key]
-        threading.Thread(target=finish, name="revoked-sessions", daemon=True).start()
+    def revoked(self, transport: Any, partitions: Set[int]) -> None:
+        """The sessions last heard from on these input partitions are another server's now
+        (the default session stays: unkeyed records have no partition of their own): they
+        are forgotten at once (their state is the session store's) and, in a thread of
+        their own, running turns are interrupted and connections closed; what is left
+        unanswered is not answered here, as the new owner reads it again."""
+        with self._lock:
+            moved = [session for (owner, key), session in self._sessions.items()
+                     if owner is transport and key is not None
+                     and session.source in partitions]
+            for session in moved:
+                session.moved = True  # saves no more
+                del self._sessions[session.transport, session.key]
+        if moved:
+            threading.Thread(target=self._finish, args=(
+                lambda session: session.moved, time.monotonic() + 2.0,
+                "the session moved to another server", False), name="moved-sessions",
+                daemon=True).start()
 
     def close(self, deadline: float) -> None:
         with self._lock:
@@ -1402,22 +1417,21 @@ class CodexBackend(Backend):
     def _save(self, session: "Session", done: rpc.Done = rpc.nothing) -> None:
         """The session's state to the session store (Kafka's), when it changed, then
         ``done``; in order, as the saves of one session may come from two threads."""
-        save = getattr(session.transport, "save", None)
-        if save is None or not session.changed:
+        if not (session.changed and getattr(session.transport, "session_topic", None)):
             done()
             return
-        with self._saving:
+        with session.saving:
             with self._lock:
                 session.changed = False
-                state = session.state()
+                state = None if session.moved else session.state()
                 if state == session.saved:
                     state = None
-                else:
+                elif state is not None:
                     session.saved = state
             if state is None:
                 done()
             else:
-                save(session.key, state, done)
+                session.transport.save(session.key, state, done)
 
     def _call(self, session: "Session", our_id: int, request: Message,
               done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
@@ -1462,6 +1476,7 @@ class CodexBackend(Backend):
         with self._lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
+            wait_for_save = False
             if "id" in message:  # not a notification: some are broadcast to every session
                 self._touch(session)
             if "method" in message:
@@ -1483,7 +1498,8 @@ class CodexBackend(Backend):
                     self._in_flight -= 1
                     self._lock.notify_all()
                     session.answered(call.request, message)
-        if call is not None and not retry and session.changed:
+            wait_for_save = call is not None and not retry and session.changed
+        if wait_for_save:
             # Its offset commits once the state it changed is saved too: after a crash, the
             # request is read again rather than the session found without it.
             call.done = rpc.after(2, call.done)
@@ -1576,7 +1592,6 @@ SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
 SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
 SESSION_WAIT = 1.0  # seconds a new session waits for an idle one to close, at --max-sessions
 SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
-REVOKE_WAIT = 10.0  # seconds the sessions of a partition that moved away may finish in
 # Ids of Codex's requests as the clients see them, never reused, also across restarts: they
 # start at the boot time in microseconds (a late answer from before a restart finds nothing),
 # and stay below 2**53 for clients that read numbers as doubles.
@@ -1625,6 +1640,8 @@ class Session:
         self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
         self.source: Optional[int] = None  # the input partition it was last heard from
         self.changed = False  # its state may have changed since it was saved
+        self.moved = False  # its partition moved to another server: it is closing
+        self.saving = threading.Lock()  # its saves, in order
         self.saved = b""  # its state as last saved
         self._next_id = 1
 
@@ -1664,13 +1681,18 @@ class Session:
         """Take the state a server saved (``state``); a broken one is ignored."""
         try:
             saved = json.loads(state)
-            threads = [thread for thread in saved["threads"] if isinstance(thread, str)]
-            if saved["result"] is not None:
-                self.init_params, self.init_result = saved["initialize"], saved["result"]
+            rpc.encode(saved)  # what is replayed must be strict JSON
+            threads, result = saved["threads"], saved["result"]
+            if not (isinstance(threads, list) and all(isinstance(t, str) for t in threads)
+                    and isinstance(result, (dict, type(None)))
+                    and isinstance(saved["initialize"], (dict, list, type(None)))):
+                raise TypeError("not a saved session state")
+            if result is not None:
+                self.init_params, self.init_result = saved["initialize"], result
                 self.initialized = saved["initialized"] is True
             self.threads = dict.fromkeys(threads[-SESSION_THREADS:])
             self.saved = state
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             log.warning("session %s: ignoring its saved state: %r", _session_name(self.key), exc)
 
     def replay(self, own: Callable[[str, Any], bytes]) -> List[bytes]:

@@ -853,6 +853,7 @@ class _ClientLog(logging.Handler):
 # --- the transport --------------------------------------------------------
 
 PRODUCER_STUCK_SECONDS = 60.0  # failing this long with no acknowledgement: a new producer
+REBALANCE_WAIT = 10.0  # seconds a rebalance waits for what is in flight to be answered
 
 Done = Callable[[], None]
 
@@ -903,8 +904,8 @@ class KafkaTransport:
         self._store: Any = None  # its reader: a consumer of every partition, no group
         self._store_behind = True  # read it to its end before taking the next records
         self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
+        self._states_lock = threading.Lock()
         self._assigned: frozenset = frozenset()  # input partitions this server reads
-        self._revoked: Set[int] = set()  # taken away in the rebalance under way
         self.stats_topic = stats_topic
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
@@ -1027,9 +1028,10 @@ class KafkaTransport:
             done()
         else:
             key = session or b""
-            self._states[key] = state
-            if self._saved_meanwhile is not None:
-                self._saved_meanwhile.add(key)
+            with self._states_lock:
+                self._states[key] = state
+                if self._saved_meanwhile is not None:
+                    self._saved_meanwhile.add(key)
             self._produce(_Send(self.session_topic, key, state, None, done, key, None,
                                 (self.session_topic, key)))
 
@@ -1303,64 +1305,61 @@ class KafkaTransport:
 
     def _open_store(self, kafka: Any) -> None:
         """The session topic's reader; FatalKafkaError when the topic is missing or the broker
-        says it is not compacted (an old state would then be lost, or outlive its sessions)."""
+        says it is not compacted (an old state would then be lost, or outlive its sessions),
+        or it cannot be opened."""
         topic = self.session_topic
-        create = f"create it with: kafka-topics.sh --create --topic {topic} --config " \
-                 "cleanup.policy=compact"
-        config = {key: value for key, value in self._consumer_config.items()
-                  if key in kafka.KafkaAdminClient.DEFAULT_CONFIG}
-        admin = kafka.KafkaAdminClient(**config)
         try:
-            if topic not in admin.list_topics():
-                raise FatalKafkaError(f"session topic {topic} does not exist: {create}")
-            from kafka.admin import ConfigResource, ConfigResourceType
-            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-            policy = described.get("topic", {}).get(topic, {}).get("cleanup.policy") \
-                if isinstance(described, dict) else None
-        finally:
-            admin.close()
-        policy = policy.get("value", policy) if isinstance(policy, dict) else policy
+            policy = _cleanup_policy(kafka, topic, {
+                key: value for key, value in self._consumer_config.items()
+                if key in kafka.KafkaAdminClient.DEFAULT_CONFIG})
+            reader = dict(self._consumer_config)
+            reader.pop("group_id", None)
+            self._store = kafka.KafkaConsumer(**reader)
+            partitions = [kafka.TopicPartition(topic, partition) for partition in
+                          sorted(self._store.partitions_for_topic(topic) or ())]
+        except kafka.errors.KafkaError as exc:
+            raise FatalKafkaError(f"cannot open session topic {topic}: {exc}") from None
         if policy is None:
-            log.warning("the brokers do not say whether session topic %s is compacted: it must "
-                        "be (cleanup.policy=compact)", topic)
-        elif "compact" not in str(policy):
+            log.warning("the brokers do not report the cleanup.policy of session topic %s: "
+                        "make sure it is compacted (cleanup.policy=compact)", topic)
+        elif "compact" not in policy:
             raise FatalKafkaError(f"session topic {topic} has cleanup.policy={policy}: it must "
                                   "be compacted (cleanup.policy=compact), or it loses the state "
                                   "of sessions as it deletes old records")
-        reader = dict(self._consumer_config)
-        reader.pop("group_id", None)
-        self._store = kafka.KafkaConsumer(**reader)
-        partitions = [kafka.TopicPartition(topic, partition) for partition in
-                      sorted(self._store.partitions_for_topic(topic) or ())]
         self._store.assign(partitions)
         self._store.seek_to_beginning(*partitions)
 
-    def _read_store(self) -> None:
-        """Read the session topic to its end as of now: every session's last saved state.
-        What this server saves meanwhile is newer than what is read, so it is kept."""
+    def _read_store(self) -> bool:
+        """Read the session topic to its end as of now: every session's last saved state;
+        False when it cannot be read (now).  What this server saves meanwhile is newer
+        than what is read, so it is kept."""
         store, started = self._store, time.monotonic()
-        self._saved_meanwhile = set()
+        with self._states_lock:
+            self._saved_meanwhile = set()
+        read = 0
         try:
             ends = store.end_offsets(list(store.assignment()))
-            read = 0
             while any(store.position(tp) < end for tp, end in ends.items()):
                 if time.monotonic() - started > 60:
-                    log.warning("session topic %s: not read to its end within 60 s; sessions "
-                                "not yet read start anew", self.session_topic)
-                    break
+                    raise TimeoutError("not read to its end within 60 s")
                 for records in store.poll(timeout_ms=100).values():
-                    for record in records:
-                        if record.key is not None and record.key not in self._saved_meanwhile:
-                            self._states[record.key] = record.value
-                            read += 1
-        except Exception as exc:  # the broker is away: the next assignment tries again
-            log.warning("session topic %s cannot be read: %s", self.session_topic, exc)
-            return
+                    with self._states_lock:
+                        for record in records:
+                            if record.key is not None \
+                                    and record.key not in self._saved_meanwhile:
+                                self._states[record.key] = record.value
+                                read += 1
+        except Exception as exc:  # the broker is away: records wait, and it is read again
+            log.warning("session topic %s cannot be read (%s): the input waits",
+                        self.session_topic, exc)
+            return False
         finally:
-            self._saved_meanwhile = None
+            with self._states_lock:
+                self._saved_meanwhile = None
         self._store_behind = False
         log.info("session topic %s read (%d records, %.2f s)", self.session_topic, read,
                  time.monotonic() - started)
+        return True
 
     def _consume(self) -> None:
         consumer = self._consumer
@@ -1379,8 +1378,11 @@ class KafkaTransport:
                 log.exception("kafka poll failed unexpectedly")
                 self._shutdown.wait(0.5)
                 continue
-            if self._store is not None and self._store_behind:
-                self._read_store()  # what a moved session's last owner saved, first
+            if self._store is not None and self._store_behind and not self._read_store():
+                for partition, records in batches.items():  # taken after it is read
+                    consumer.seek(partition, records[0].offset)
+                self._shutdown.wait(1.0)
+                continue
             if not self.ready.is_set() and consumer.assignment():
                 self._announce_ready()
             if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
@@ -1584,18 +1586,34 @@ class KafkaTransport:
             self._store.close(autocommit=False)
 
     def _partitions_revoked(self, revoked: Any) -> None:
-        # Commit what is done in partitions that move elsewhere; the rest is redelivered.
-        # Asynchronously: kafka-python 3 runs listeners on its IO thread, where a blocking
-        # commit is refused.
-        revoked = set(revoked)
-        self._assigned = self._assigned - {tp.partition for tp in revoked}
-        self._revoked |= {tp.partition for tp in revoked}  # moved, unless assigned again
-        self._commit(revoked, force=True)
-        self._offsets.forget(revoked)
-        self._backlog = collections.deque(item for item in self._backlog
-                                          if item[0] not in revoked)
+        # Eager rebalancing takes every partition, then gives a set back (assigned).  What
+        # is in flight is answered first (bounded), and what is done committed, so that a
+        # partition that moves goes with its answers committed; the new owner reads the
+        # rest again.  Asynchronously: kafka-python 3 runs listeners on its IO thread,
+        # where a blocking commit is refused.
+        if hasattr(self._sink, "settle"):
+            self._sink.settle(self, time.monotonic() + REBALANCE_WAIT)
+        self._commit(set(revoked), force=True)
         self._paused = False
         self.ready.clear()
+
+    def _partitions_assigned(self, assigned: Any) -> None:
+        """The partitions taken and not given back moved to another server: their offsets,
+        queued records and sessions are forgotten here.  Those kept go on where they were
+        (kafka-python 3 keeps their position, kafka-python-ng would read them again)."""
+        new = frozenset(tp.partition for tp in assigned)
+        moved = self._assigned - new
+        self._offsets.forget(tp for tp in self._offsets.partitions() if tp.partition in moved)
+        self._backlog = collections.deque(item for item in self._backlog
+                                          if item[0].partition not in moved)
+        for tp in assigned:
+            position = self._offsets.next_offset(tp)
+            if position is not None:
+                self._consumer.seek(tp, position)
+        self._assigned = new
+        self._store_behind = True
+        if moved and hasattr(self._sink, "revoked"):  # their sessions end here
+            self._sink.revoked(self, set(moved))
 
 
 class _Send:
@@ -1659,6 +1677,14 @@ class OffsetTracker:
             done = self._done[partition]
             while pending and pending[0] in done:
                 done.discard(pending.popleft())
+
+    def partitions(self) -> List[Any]:
+        with self._lock:
+            return list(self._next)
+
+    def next_offset(self, partition: Any) -> Optional[int]:
+        """The offset after the last one taken (None: none taken since it came)."""
+        return self._next.get(partition)
 
     def commit_points(self, partitions: Optional[Iterable[Any]] = None,
                       again: bool = False) -> Dict[Any, int]:
@@ -1759,6 +1785,35 @@ def _import_kafka() -> Any:
     return kafka
 
 
+def _cleanup_policy(kafka: Any, topic: str, config: Dict[str, Any]) -> Optional[str]:
+    """The topic's cleanup.policy as the brokers report it (None: they do not; Tansu, say);
+    FatalKafkaError when it does not exist."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+    admin = kafka.KafkaAdminClient(**config)
+    try:
+        if topic not in admin.list_topics():
+            raise FatalKafkaError(f"session topic {topic} does not exist: create it with: "
+                                  f"kafka-topics.sh --bootstrap-server HOST:PORT --create "
+                                  f"--topic {topic} --config cleanup.policy=compact")
+        resource = [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        try:  # kafka-python 3 reports only the settings changed from the broker's default
+            described = admin.describe_configs(resource, config_filter="all")
+        except TypeError:
+            described = admin.describe_configs(resource)
+    finally:
+        admin.close()
+    if isinstance(described, dict):  # kafka-python 3: {"topic": {name: {setting: ...}}}
+        policy = described.get("topic", {}).get(topic, {}).get("cleanup.policy")
+        policy = policy.get("value") if isinstance(policy, dict) else policy
+        return None if policy is None else str(policy)
+    for response in described or ():  # kafka-python-ng: the protocol's responses
+        for resource_entry in getattr(response, "resources", ()):
+            for entry in resource_entry[4]:
+                if entry[0] == "cleanup.policy":
+                    return str(entry[1])
+    return None
+
+
 def _offset_and_metadata(offset: int) -> Any:
     from kafka.structs import OffsetAndMetadata
     # kafka-python 3 has (offset, metadata, leader_epoch); kafka-python-ng (offset, metadata).
@@ -1776,11 +1831,7 @@ def _rebalance_listener(kafka: Any, transport: KafkaTransport) -> Any:
         def on_partitions_assigned(self, assigned: Any) -> None:
             log.info("kafka partitions assigned: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "none")
-            transport._assigned = frozenset(tp.partition for tp in assigned)
-            transport._store_behind = True
-            moved, transport._revoked = transport._revoked - transport._assigned, set()
-            if moved and hasattr(transport._sink, "revoked"):  # their sessions end here
-                transport._sink.revoked(transport, moved)
+            transport._partitions_assigned(assigned)
             if not assigned:  # joined, with nothing to read: as ready as it will be
                 transport.ready.set()
 

@@ -201,7 +201,7 @@ class KafkaClient:
     """Produces to the input topic as one session (the record key; None: the default
     session); reads that session's records of the output topic from its start."""
 
-    def __init__(self, topics: Topics, session: Optional[bytes] = None, partition: int = 0,
+    def __init__(self, topics: Topics, session: Optional[bytes] = None, partition: Any = 0,
                  topic: Optional[str] = None, every_session: bool = False):
         self.session = session
         self.every_session = every_session  # read the records of every session
@@ -210,7 +210,9 @@ class KafkaClient:
         settings = dict(topics.client_settings, bootstrap_servers=topics.bootstrap)
         self.producer = KafkaProducer(acks="all", **settings)
         self.consumer = KafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=10, **settings)
-        self.consumer.assign([TopicPartition(topic or topics.output, partition)])
+        # (a list: those partitions, as with a topic that several servers write to)
+        self.consumer.assign([TopicPartition(topic or topics.output, number) for number in
+                              (partition if isinstance(partition, list) else [partition])])
         self.consumer.seek_to_beginning()
         self.seen: List[Reply] = []
         self.headers: List[List[Tuple[str, bytes]]] = []  # of each record in seen

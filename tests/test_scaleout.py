@@ -15,10 +15,13 @@ from test_codex import (  # noqa: F401 (fixtures)
 
 
 def session_topics(broker: Any, partitions: int = 1) -> Tuple[Topics, str]:
+    """Input and output topics of ``partitions`` each: a session's replies then go to the
+    output partition numbered as its input one, so each is written by one server (Tansu 0.6
+    gives concurrent producers of one partition the same offsets, and readers skip some)."""
     from kafka.admin import KafkaAdminClient, NewTopic
     topics = Topics(broker.bootstrap, create=False)
-    local_broker.create_topics(broker.bootstrap, [topics.input], partitions=partitions)
-    local_broker.create_topics(broker.bootstrap, [topics.output])
+    local_broker.create_topics(broker.bootstrap, [topics.input, topics.output],
+                               partitions=partitions)
     store = topics.output + ".sessions"
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
     try:  # as the docs say: compacted
@@ -68,7 +71,7 @@ def test_two_servers_one_group_answer_everything_through_a_kill(codex_server, br
         server.wait_for_log("kafka partitions assigned: " + topics.input, timeout=30)
     time.sleep(1)
     sessions = [f"s{n}".encode() for n in range(40)]
-    client = KafkaClient(topics, every_session=True)
+    client = KafkaClient(topics, every_session=True, partition=[0, 1, 2, 3])
     try:
         for session in sessions:
             client.send({"id": 0, "method": "initialize", "params": {"clientInfo": CLIENT_INFO}},
@@ -109,3 +112,19 @@ def test_a_session_topic_that_does_not_exist_is_a_clear_start_up_error(codex_ser
     assert server.process.wait(60) == 3, server.log
     assert "session topic no.such.topic does not exist" in server.log, server.log
     assert "cleanup.policy=compact" in server.log, server.log
+
+
+def test_a_session_topic_that_is_not_compacted_is_refused(codex_server, broker):
+    from kafka.admin import KafkaAdminClient, NewTopic
+    topics = Topics(broker.bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        admin.create_topics([NewTopic(topics.output + ".plain", 1, 1,
+                                      topic_configs={"cleanup.policy": "delete"})])
+    finally:
+        admin.close()
+    server = codex_server(None, *topics.server_args("--kafka-session-topic",
+                                                    topics.output + ".plain"))
+    assert server.process.wait(60) == 3, server.log
+    assert "has cleanup.policy=delete: it must be compacted (cleanup.policy=compact)" in \
+        server.log, server.log
