@@ -56,6 +56,15 @@ class ProxyProcess:
         assert line is not None, f"stdout ended; stderr: {self.finish(1)[1]}"
         return json.loads(line)
 
+    def rest(self) -> List[Dict[str, Any]]:
+        """The lines not read yet, once stdout has ended."""
+        lines = []
+        while True:
+            line = self.lines.get(timeout=5)
+            if line is None:
+                return lines
+            lines.append(json.loads(line))
+
     def finish(self, timeout: float = 30.0) -> "tuple[int, str]":
         """Close stdin; (exit status, stderr)."""
         try:
@@ -182,12 +191,7 @@ def test_stdin_ending_right_after_requests_still_gets_their_replies(topics, star
         proxy.send({"jsonrpc": "2.0", "id": msg_id, "method": "noop", "params": {}})
     status, stderr = proxy.finish()
     assert status == 0, stderr
-    replies = []
-    while True:
-        line = proxy.lines.get(timeout=5)
-        if line is None:
-            break
-        replies.append(json.loads(line))
+    replies = proxy.rest()
     assert replies == [{"jsonrpc": "2.0", "id": msg_id, "result": {}} for msg_id in (5, 5, "x")]
 
 
@@ -203,12 +207,7 @@ def test_without_a_server_a_request_times_out_on_stdout_and_eof_exits_0(topics, 
     proxy.send({"jsonrpc": "2.0", "id": "b", "method": "noop", "params": {}})
     status, stderr = proxy.finish()  # EOF with "b" in flight: its timeout, then exit 0
     assert status == 0, stderr
-    lines = []
-    while True:
-        line = proxy.lines.get(timeout=5)
-        if line is None:
-            break
-        lines.append(json.loads(line))
+    lines = proxy.rest()
     assert [line["id"] for line in lines] == ["b"], lines
 
 
