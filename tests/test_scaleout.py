@@ -128,3 +128,26 @@ def test_a_session_topic_that_is_not_compacted_is_refused(codex_server, broker):
     assert server.process.wait(60) == 3, server.log
     assert "has cleanup.policy=delete: it must be compacted (cleanup.policy=compact)" in \
         server.log, server.log
+
+
+def test_a_rebalance_loses_nothing_of_the_partitions_a_server_keeps(broker, start_server):
+    """A second server joins while the first has records queued (a slow backend): the first
+    keeps half of the partitions and must still answer what it had taken of them."""
+    topics = Topics(broker.bootstrap, create=False)
+    local_broker.create_topics(broker.bootstrap, [topics.input, topics.output], partitions=4)
+    slow = ["--backend", "builtin", "--builtin-delay", "0.02"]
+    first = start_server(slow + topics.server_args()).wait_ready()
+    client = KafkaClient(topics, every_session=True, partition=[0, 1, 2, 3])
+    try:
+        keys = [f"k{n}".encode() for n in range(40)]
+        for n in range(400):
+            client.send({"id": n, "method": "noop", "params": {}}, key=keys[n % 40])
+        first.wait_for_log("kafka transport ready")
+        start_server(slow + topics.server_args())  # joins: a rebalance mid-queue
+        deadline = time.monotonic() + 90
+        while len({v["id"] for _, v in client.seen}) < 400 and time.monotonic() < deadline:
+            client.poll()
+        answered = {v["id"] for _, v in client.seen if "result" in v}
+        assert answered == set(range(400)), sorted(set(range(400)) - answered)[:10]
+    finally:
+        client.close()
