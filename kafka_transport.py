@@ -981,18 +981,19 @@ class KafkaTransport:
         producer; then ``done`` runs.  A reply over ``max_message_bytes`` becomes an error.
         """
         reply = "method" not in message
-        if route.topic is not None and self._producer is not None:
-            problem = self._reply_topic_problem(route)
+        if (route.topic is not None or route.partition is not None) \
+                and self._producer is not None and self.session is None:
+            topic = route.topic or self.output_topic
+            problem = self._reply_topic_problem(topic, route.partition)
             if problem:
                 self._unroutable_log.warning(log, "session %s: reply topic %s %s; the %s goes "
                                              "to %s as an error", _shown(route.session),
-                                             route.topic, problem, kind(message),
-                                             self.output_topic)
+                                             topic, problem, kind(message), self.output_topic)
                 if not reply or "id" not in message:
                     done()  # a notification or Codex's request: nobody to tell but the log
                     return
                 message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
-                                         f"{route.topic} {problem}: the reply cannot go there")
+                                         f"{topic} {problem}: the reply cannot go there")
                 route = Route(route.session, correlation=route.correlation)
         if self.session is not None:
             route = Route(self.session)
@@ -1097,25 +1098,26 @@ class KafkaTransport:
         future.add_errback(lambda error: self._failed(send, error))
         return True
 
-    def _reply_topic_problem(self, route: Route) -> str:
-        """Why ``route``'s reply topic cannot take records, or "".  The first look at a topic
-        may wait for its metadata (up to max.block.ms); what was found is kept a minute."""
+    def _reply_topic_problem(self, topic: str, partition: Optional[int]) -> str:
+        """Why ``topic`` (``partition`` of it, when not None) cannot take records, or "".
+        The first look at a topic may wait for its metadata (up to max.block.ms); what was
+        found is kept a minute."""
         now = time.monotonic()
-        until, known = self._reply_topics.get(route.topic, (0.0, ""))
+        until, known = self._reply_topics.get(topic, (0.0, ""))
         if until <= now:
             try:
-                known = frozenset(self._producer.partitions_for(route.topic) or ())
+                known = frozenset(self._producer.partitions_for(topic) or ())
             except Exception as exc:
                 known = f"is unknown to the brokers ({type(exc).__name__})"
             if len(self._reply_topics) > 10000:
                 self._reply_topics.clear()
-            self._reply_topics[route.topic] = (now + 60.0, known)
+            self._reply_topics[topic] = (now + 60.0, known)
         if isinstance(known, str):
             return known
         if not known:
             return "has no partitions"
-        if route.partition is not None and route.partition not in known:
-            return f"has no partition {route.partition}"
+        if partition is not None and partition not in known:
+            return f"has no partition {partition}"
         return ""
 
     def _acknowledged(self, send: "_Send") -> None:

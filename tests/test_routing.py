@@ -128,6 +128,14 @@ def test_refused_and_unusable_routes_get_errors_on_the_output_topic(broker, star
         ("empty-key", b"", [], "record key (the session) is empty"),
         ("no-such-partition", b"s", [("kafka_replyTopic", allowed.encode()),
                                      ("kafka_replyPartition", b"7")], "has no partition 7"),
+        # A partition the output topic lacks, with no reply topic named: every family's header.
+        ("output-nestjs", b"s", [("kafka_replyPartition", b"7")], "has no partition 7"),
+        ("output-spring", b"s", [("kafka_replyPartition", (7).to_bytes(4, "big"))],
+         "has no partition 7"),
+        ("output-smallrye", b"s", [("REPLY_PARTITION", (7).to_bytes(4, "big"))],
+         "has no partition 7"),
+        ("output-default-session", None, [("REPLY_PARTITION", (9).to_bytes(4, "big"))],
+         "has no partition 9"),
     ]
     for msg_id, key, headers, _ in cases:
         client.producer.send(topics.input, value=json.dumps(
