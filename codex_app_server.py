@@ -1004,7 +1004,8 @@ class Proxy(Backend):
     """The backend of ``codex-app-server proxy``: what one transport takes goes out on the
     other (stdin to Kafka, Kafka to stdout), on the reading thread, so in order.  Requests
     from stdin go out under ids of the proxy's own, restored on the reply: a client may
-    reuse ids.  One without a reply after ``timeout`` is answered with an error naming
+    reuse ids, and since they are unique to this run (a random prefix) a reply to an
+    earlier run's request, late, is never taken for one of this run's.  One without a reply after ``timeout`` is answered with an error naming
     the topic its reply was awaited on, so a client never hangs on an absent or silent
     server; a reply that comes later is dropped with a WARNING."""
 
@@ -1013,8 +1014,9 @@ class Proxy(Backend):
         self.kafka: Any = None
         self.stdio: Any = None
         self._awaited, self._server_topic = awaited, server_topic
+        self._run = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
-        self._waiting: Dict[int, Tuple[Any, float]] = {}  # ours -> (the client's id, deadline)
+        self._waiting: Dict[str, Tuple[Any, float]] = {}  # ours -> (the client's id, deadline)
         self._changed = threading.Condition()
         self._dropped_log = rpc.LogThrottle()
         threading.Thread(target=self._expire, name="proxy-timeouts", daemon=True).start()
@@ -1024,7 +1026,7 @@ class Proxy(Backend):
         kind = rpc.kind(message)
         if transport is self.stdio and kind == rpc.REQUEST:
             with self._changed:
-                our_id = next(self._ids)
+                our_id = f"{self._run}-{next(self._ids)}"
                 self._waiting[our_id] = (message["id"], time.monotonic() + self.timeout)
             message = dict(message, id=our_id)
         elif transport is self.kafka and kind in (rpc.RESPONSE, rpc.ERROR):
@@ -1592,10 +1594,30 @@ SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
 SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
 SESSION_WAIT = 1.0  # seconds a new session waits for an idle one to close, at --max-sessions
 SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
-# Ids of Codex's requests as the clients see them, never reused, also across restarts: they
-# start at the boot time in microseconds (a late answer from before a restart finds nothing),
-# and stay below 2**53 for clients that read numbers as doubles.
-_SERVER_REQUEST_IDS = itertools.count(int(time.time() * 1_000_000))
+
+
+class RequestIds:
+    """Ids that no run of any server repeats: the wall clock in microseconds, or one more
+    than the last id when they come faster.  So a late answer from before a restart finds
+    nothing, and servers of one group (a session moves between them) do not issue the same
+    id unless in the same microsecond.  Below 2**53 for clients that read numbers as
+    doubles."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> "RequestIds":
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, int(time.time() * 1_000_000))
+            return self._last
+
+
+# Ids of Codex's requests as the clients see them.
+_SERVER_REQUEST_IDS = RequestIds()
 
 
 class Call:

@@ -183,6 +183,28 @@ def test_two_proxies_same_ids_each_sees_only_its_own(broker, start_server, proxi
         assert proxy.lines.get(timeout=1) is None  # nothing else, nobody else's
 
 
+def test_a_restarted_proxy_is_not_handed_the_previous_runs_late_reply(broker, start_server,
+                                                                       proxies):
+    """Ids on the topic never repeat across runs: the first run's late reply (to its first
+    request) is dropped by the second run, which gets its own reply to its own first one."""
+    topics = Topics(broker.bootstrap)
+    start_server(["--backend", "builtin", "--builtin-delay", "2"] + topics.server_args()
+                 ).wait_ready()
+    first = proxies(proxy_argv(topics, "--kafka-session", "same"))
+    first.send({"jsonrpc": "2.0", "id": 1, "method": "noop", "params": {}})
+    time.sleep(0.5)  # on the topic, not answered yet
+    first.process.terminate()
+    assert first.read()["error"]["message"] == "codex-app-server proxy is shutting down"
+    assert first.finish()[0] == 0
+    second = proxies(proxy_argv(topics, "--kafka-session", "same"))
+    second.send({"jsonrpc": "2.0", "id": 1, "method": "no/such/method", "params": {}})
+    reply = second.read(timeout=30)
+    assert reply["id"] == 1 and reply["error"]["code"] == -32601, reply
+    status, stderr = second.finish()
+    assert status == 0, stderr
+    assert "dropping a reply to id" in stderr, stderr
+
+
 def test_stdin_ending_right_after_requests_still_gets_their_replies(topics, start_server,
                                                                    proxies):
     start_server(["--backend", "builtin"] + topics.server_args()).wait_ready()

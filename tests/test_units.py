@@ -895,3 +895,17 @@ def test_librdkafka_secrets_aliases_and_tls_settings(capsys):
             parse(kafka_argv() + ["-X", setting])
         err = capsys.readouterr().err
         assert setting.split("=")[0] in err and ("cannot honour" in err or "transactions" in err)
+
+
+def test_server_request_ids_never_repeat_and_follow_the_clock(monkeypatch):
+    """A burst of ids runs ahead of the clock, never back; a later run (another server,
+    or this one restarted) starts at its own clock, past every id it could meet."""
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(app.time, "time", lambda: now[0])
+    ids = app.RequestIds()
+    burst = [next(ids) for _ in range(1000)]  # faster than one a microsecond
+    assert burst == list(range(burst[0], burst[0] + 1000))
+    now[0] += 10.0
+    later = next(ids)
+    assert later == int(now[0] * 1_000_000) > burst[-1]
+    assert later < 2 ** 53
