@@ -1102,6 +1102,8 @@ class CodexBackend(Backend):
         self._max_in_flight = max_in_flight
         self._lock = threading.Condition()  # guards every session
         self._in_flight = 0
+        self._held = 0  # messages waiting for a connection being opened
+        self._connecting: Set["Session"] = set()  # sessions whose connector runs
         self._sessions: "collections.OrderedDict[Tuple[Any, Optional[bytes]], Session]" = \
             collections.OrderedDict()
         self._open: "collections.OrderedDict[Session, None]" = \
@@ -1125,50 +1127,141 @@ class CodexBackend(Backend):
             with self._lock:
                 result = session.init_result if message.get("params") == session.init_params \
                     else None
-                if result is None and session.connection is None:
+                if result is None and session.connection is None and session.waiting is None:
                     session.init_params = session.init_result = None  # anew: nothing to replay
             if result is not None:
                 transport.send({"id": message["id"], "result": result}, done, route)
                 return
-        for attempt in (1, 2):
-            connection = self._connection(session, message, done, route)
-            if connection is None:
+        self._offer(session, Waiting(message, done, route, self._deadline() if
+                                     kind == rpc.REQUEST else float("inf")))
+
+    def _offer(self, session: "Session", item: "Waiting") -> None:
+        """``item`` to the session's connection, in order: straight on when the session has
+        one, else behind what waits for the one a connector thread is opening (an opening
+        Codex may take seconds: other sessions go on meanwhile)."""
+        with self._lock:
+            # Backpressure: a slow Codex holds the processor, so the queue fills and the
+            # transports stop reading, instead of requests piling up here.
+            self._wait_for_room(self._held)
+            connection = session.connection
+            connected = session.waiting is None and connection is not None \
+                and not connection.lost
+            ended = not connected and session.waiting is None and (
+                self._closed or session.transport in self._ended or session.cut)
+            if connected:
+                self._touch(session)
+                session.sending += 1  # not idle, not closed to make room, until it is sent
+            elif not ended:
+                if session.waiting is None:
+                    session.waiting = collections.deque()
+                    self._connecting.add(session)
+                    threading.Thread(target=self._connect, args=(session,), daemon=True,
+                                     name=f"connect-{_session_name(session.key)}").start()
+                session.waiting.append(item)
+                self._held += 1
                 return
-            if kind != rpc.REQUEST:
-                if message["method"] == "initialized":
-                    session.initialized = session.changed = True
-                connection.send(rpc.encode(message))
-                self._save(session)
-                return
+        if ended:
+            self._refuse(session, item, (rpc.INTERNAL_ERROR, "codex-app-server is shutting "
+                                                             "down"))
+            return
+        try:
+            delivered = self._deliver(session, connection, item)
+        finally:
             with self._lock:
-                # Backpressure: a slow Codex holds the processor, so the queue fills and
-                # the transports stop reading, instead of requests piling up here.
-                while self._in_flight >= self._max_in_flight and not self._closed \
-                        and time.monotonic() < self._stop_deadline:
-                    self._lock.wait(min(1.0, max(0.01, self._stop_deadline - time.monotonic())))
-                our_id = session.new_id()
-            data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
+                session.sending -= 1
+        if not delivered:
+            item.retried = True  # once, on a new connection
+            self._offer(session, item)
+
+    def _connect(self, session: "Session") -> None:
+        """The connector of a session without a connection: open one, then hand it what
+        waits, in order, until nothing does (later messages then go straight on)."""
+        connection, failure = self._open_connection(session)
+        while True:
             with self._lock:
-                if session.connection is not connection:
-                    continue  # lost meanwhile: open a new one
-                self._call(session, our_id, message, done, route)
-                if message["method"] == "initialize" and session.init_result is None:
-                    session.init_params = message.get("params")
-            if connection.send(data):  # outside the lock: a full socket may block it
-                return
-            # Not delivered: unless its loss has answered it already, take it back and try a
-            # new connection once.  Its reader may be stuck relaying to a slow client: tell
-            # the loss from here.
-            with self._lock:
-                if session.calls.pop(our_id, None) is None:
+                failure = self._ending(session) or failure
+                if not session.waiting:
+                    session.waiting = None
+                    self._connecting.discard(session)
+                    self._lock.notify_all()
                     return
-                self._in_flight -= 1
-            self._connection_lost(connection, "it no longer takes messages")
-        reason = "codex-app-server is shutting down" if self._closed else \
-            "codex app-server is not available: the connection to it closed before it " \
-            "could take the request"
-        transport.send(rpc.error_response(message["id"], rpc.INTERNAL_ERROR, reason), done,
-                       route)
+                item = session.waiting.popleft()
+                self._held -= 1
+                self._lock.notify_all()
+            if failure is not None:
+                self._refuse(session, item, failure)
+            elif not self._deliver(session, connection, item):
+                if item.retried:
+                    failure = (rpc.INTERNAL_ERROR, "codex app-server is not available: the "
+                               "connection to it closed before it could take the request")
+                    self._refuse(session, item, failure)
+                else:  # once more, on a new connection
+                    item.retried = True
+                    with self._lock:
+                        session.waiting.appendleft(item)
+                        self._held += 1
+                    connection, failure = self._open_connection(session)
+
+    def _deliver(self, session: "Session", connection: "CodexConnection",
+                 item: "Waiting") -> bool:
+        """Send ``item`` on ``connection``; False when the connection did not take it (then
+        lost: the caller tries a new one)."""
+        message = item.message
+        if rpc.kind(message) != rpc.REQUEST:
+            if message["method"] == "initialized":
+                with self._lock:
+                    session.initialized = session.changed = True
+            connection.send(rpc.encode(message))
+            self._save(session)
+            return True
+        with self._lock:
+            self._wait_for_room()
+            our_id = session.new_id()
+        data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
+        with self._lock:
+            if session.connection is not connection:
+                return False  # lost meanwhile
+            self._call(session, our_id, message, item.done, item.route, item.deadline)
+            if message["method"] == "initialize" and session.init_result is None:
+                session.init_params = message.get("params")
+        if connection.send(data):  # outside the lock: a full socket may block it
+            return True
+        # Not delivered: unless its loss has answered it already, take it back.  Its reader
+        # may be stuck relaying to a slow client: tell the loss from here.
+        with self._lock:
+            if session.calls.pop(our_id, None) is None:
+                return True
+            self._in_flight -= 1
+        self._connection_lost(connection, "it no longer takes messages")
+        return False
+
+    def _refuse(self, session: "Session", item: "Waiting",
+                failure: Tuple[Optional[int], str]) -> None:
+        """A message that cannot reach Codex: a request is answered with ``failure`` (code,
+        text), a notification dropped with a WARNING; neither when the code is None (its
+        session moved: the new owner reads it again)."""
+        code, text = failure
+        if code is None:
+            return
+        if rpc.kind(item.message) == rpc.REQUEST:
+            session.transport.send(rpc.error_response(item.message["id"], code, text),
+                                   item.done, item.route)
+        else:
+            log.warning("session %s: dropping a %s notification: %s",
+                        _session_name(session.key), item.message["method"][:200], text)
+
+    def _wait_for_room(self, held: int = 0) -> None:
+        """Under the lock: wait until fewer than the bound are in flight (and ``held``
+        waiting for a connection), or shutdown's deadline."""
+        while self._in_flight + held >= self._max_in_flight and not self._closed \
+                and time.monotonic() < self._stop_deadline:
+            self._lock.wait(min(1.0, max(0.01, self._stop_deadline - time.monotonic())))
+            held = self._held if held else 0
+
+    def _deadline(self) -> float:
+        """When a request sent now times out (--request-timeout)."""
+        return time.monotonic() + self.request_timeout if self.request_timeout \
+            else float("inf")
 
     def stopping(self, deadline: float) -> None:
         with self._lock:
@@ -1182,8 +1275,9 @@ class CodexBackend(Backend):
 
     def settle(self, transport: Any, deadline: float) -> None:
         with self._lock:  # (turns go on: a partition that stays keeps its sessions)
-            while any(session.calls for session in self._open if session.transport is transport
-                      and session.key is not None) and time.monotonic() < deadline:
+            while any(session.calls or session.waiting for session in self._live()
+                      if session.transport is transport and session.key is not None) \
+                    and time.monotonic() < deadline:
                 self._lock.wait(max(0.0, min(0.1, deadline - time.monotonic())))
 
     def revoked(self, transport: Any, partitions: Set[int]) -> None:
@@ -1223,8 +1317,8 @@ class CodexBackend(Backend):
         least); then close their connections, answering what is still owed with ``why``
         (when ``answer``)."""
         def busy(turns: bool = True) -> List[Session]:
-            return [session for session in self._open if which(session)
-                    and (session.calls or turns and session.turns)]
+            return [session for session in self._live() if which(session)
+                    and (session.calls or session.waiting or turns and session.turns)]
         with self._lock:
             grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
             while busy() and time.monotonic() < deadline - grace:
@@ -1246,6 +1340,8 @@ class CodexBackend(Backend):
                             unanswered)
             connections = [session.connection for session in self._open if which(session)
                            and session.connection is not None]  # (None: still connecting)
+            for session in self._connecting:
+                session.cut |= which(session)  # what still waits is answered with ``why``
         if stop_codex:  # every connection ends with it, quickly
             self._codex.stop(deadline)
         for connection in connections:
@@ -1253,6 +1349,15 @@ class CodexBackend(Backend):
             connection.close()
         for connection in connections:
             connection.ended.wait(max(0.1, deadline - time.monotonic()))
+        with self._lock:  # connectors answer what waits on them, then end
+            while any(which(session) for session in self._connecting) \
+                    and time.monotonic() < deadline:
+                self._lock.wait(max(0.01, min(0.1, deadline - time.monotonic())))
+
+    def _live(self) -> List["Session"]:
+        """Under the lock: the sessions holding a connection or opening one."""
+        return list(self._open) + [session for session in self._connecting
+                                   if session not in self._open]
 
     # Sessions --------------------------------------------------------------
 
@@ -1277,23 +1382,18 @@ class CodexBackend(Backend):
             session.follow(route)
         return session
 
-    def _connection(self, session: "Session", message: Message, done: rpc.Done,
-                    route: rpc.Route) -> Optional["CodexConnection"]:
-        """The session's open connection, opened (and its state replayed) when it has none;
-        None when it cannot have one (the client has been answered)."""
+    def _open_connection(self, session: "Session") -> Tuple[Optional["CodexConnection"],
+                                                            Optional[Tuple[Optional[int], str]]]:
+        """On the session's connector: (its new connection, None), its state replayed first;
+        or (None, (code, text)): why it can have none."""
+        lost = session.connection
+        if lost is not None:  # its reader is telling the session, or stuck
+            lost.ended.wait(1.0)
+            self._connection_lost(lost, "closed")
+        closing = None
         with self._lock:
-            connection = session.connection
-            if connection is not None and not connection.lost:
-                self._touch(session)
-                return connection
-        if connection is not None:  # lost: its reader is telling the session, or stuck
-            connection.ended.wait(1.0)
-            self._connection_lost(connection, "closed")
-        failure = closing = None
-        with self._lock:
-            if self._closed or session.transport in self._ended:
-                failure = (rpc.INTERNAL_ERROR, "codex-app-server is shutting down")
-            else:
+            failure = self._ending(session)
+            if failure is None:
                 # Every session busy: one is often done within milliseconds (a burst of new
                 # clients, each initializing), so wait a little before refusing.
                 wait_until = time.monotonic() + SESSION_WAIT
@@ -1305,44 +1405,43 @@ class CodexBackend(Backend):
                     failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
                                f"{self.max_sessions} sessions (--max-sessions) is busy; "
                                "retry later")
-        if failure is None:
-            if closing is not None:
-                closing.close()
-            try:
-                websocket, process = self._codex.connect()
-            except CodexUnavailable as exc:
-                with self._lock:
-                    self._open.pop(session, None)
-                failure = (rpc.INTERNAL_ERROR, str(exc))
         if failure is not None:
-            if rpc.kind(message) == rpc.REQUEST:
-                session.transport.send(rpc.error_response(message["id"], *failure), done, route)
-            else:
-                log.warning("session %s: dropping a %s notification: %s",
-                            _session_name(session.key), message["method"][:200], failure[1])
-            return None
+            return None, failure
+        if closing is not None:
+            closing.close()
+        try:
+            websocket, process = self._codex.connect()
+        except CodexUnavailable as exc:
+            with self._lock:
+                self._open.pop(session, None)
+            return None, (rpc.INTERNAL_ERROR, str(exc))
         connection = CodexConnection(websocket, process, session, self._from_codex,
                                      self._connection_lost)
         with self._lock:
-            ended = self._closed or session.transport in self._ended  # while connecting
-            if ended:
+            failure = self._ending(session)  # while connecting
+            if failure is not None:
                 self._open.pop(session, None)
             else:
                 session.connection = connection
                 replay = session.replay(functools.partial(self._own, session))
-        if ended:
+        if failure is not None:
             connection.close()
-            if rpc.kind(message) == rpc.REQUEST:
-                session.transport.send(rpc.error_response(
-                    message["id"], rpc.INTERNAL_ERROR, "codex-app-server is shutting down"),
-                    done, route)
-            return None
+            return None, failure
         connection._reader.start()
         for data in replay:  # its state first: Codex takes a connection's messages in order
             connection.send(data)
         log.debug("session %s: connected to codex (%d messages replayed)",
                   _session_name(session.key), len(replay))
-        return connection
+        return connection, None
+
+    def _ending(self, session: "Session") -> Optional[Tuple[Optional[int], str]]:
+        """Under the lock: why ``session`` may no longer reach Codex, or None.  Its code is
+        None when what waits is not to be answered (the session moved)."""
+        if session.moved:
+            return None, "the session moved to another server"
+        if session.cut:
+            return rpc.INTERNAL_ERROR, "codex-app-server is shutting down"
+        return None
 
     def _admit(self, session: "Session") -> Tuple[bool, Optional["CodexConnection"]]:
         """Under the lock: make room for ``session``; (False, None) when none is idle,
@@ -1398,17 +1497,23 @@ class CodexBackend(Backend):
             expired = [(session, call) for session in self._open
                        for call in session.expired(now)] if self.request_timeout else []
             self._in_flight -= len(expired)
+            waited = [(session, item) for session in self._connecting
+                      for item in session.expired_waiting(now)]
+            self._held -= len(waited)
             self._lock.notify_all()
         for session, connection in zip(stale, closing):
             log.info("session %s: connection to codex closed: idle for %g s "
                      "(--session-idle-timeout)", _session_name(session.key),
                      self.idle_timeout)
             connection.close()
-        for session, call in expired:
-            msg_id = call.request.get("id")
+        for session, call in expired + waited:
+            request = call.request if isinstance(call, Call) else call.message
+            msg_id = request.get("id")
             log.warning("session %s: %s request (id %r) timed out after %g s "
-                        "(--request-timeout)", _session_name(session.key),
-                        call.request["method"][:200], msg_id, self.request_timeout)
+                        "(--request-timeout)%s", _session_name(session.key),
+                        request["method"][:200], msg_id, self.request_timeout,
+                        "" if isinstance(call, Call) else
+                        ", still waiting for its connection to codex")
             if msg_id is not None:
                 session.transport.send(rpc.error_response(
                     msg_id, rpc.INTERNAL_ERROR, "request timed out after "
@@ -1436,10 +1541,12 @@ class CodexBackend(Backend):
                 session.transport.save(session.key, state, done)
 
     def _call(self, session: "Session", our_id: int, request: Message,
-              done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE) -> None:
-        """Under the lock: ``request`` is on its way to Codex as ``our_id``."""
-        deadline = time.monotonic() + self.request_timeout if self.request_timeout \
-            else float("inf")
+              done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE,
+              deadline: Optional[float] = None) -> None:
+        """Under the lock: ``request`` is on its way to Codex as ``our_id``; its client
+        waits until ``deadline`` (default: --request-timeout from now)."""
+        if deadline is None:
+            deadline = self._deadline()
         session.calls[our_id] = Call(request, done, route, deadline)
         self._in_flight += 1
 
@@ -1632,6 +1739,18 @@ class Call:
         self.retries = 0
 
 
+class Waiting:
+    """A client's message on its way to a connection being opened: ``deadline`` bounds the
+    wait of a request (--request-timeout); ``retried`` once a connection failed to take it."""
+
+    __slots__ = ("message", "done", "route", "deadline", "retried")
+
+    def __init__(self, message: Message, done: rpc.Done, route: rpc.Route, deadline: float):
+        self.message, self.done, self.route = message, done, route
+        self.deadline = deadline
+        self.retried = False
+
+
 def _overloaded(call: Call, reply: Message) -> bool:
     """Codex's "retry later", not yet retried 8 times: asked again, not passed on."""
     error = reply.get("error")
@@ -1663,6 +1782,10 @@ class Session:
         self.source: Optional[int] = None  # the input partition it was last heard from
         self.changed = False  # its state may have changed since it was saved
         self.moved = False  # its partition moved to another server: it is closing
+        self.cut = False  # its connection was closed for good: what waits is refused
+        self.sending = 0  # messages handed straight to its connection, not yet sent
+        # While a connector opens its connection: what is to be sent on it, in order.
+        self.waiting: Optional[Deque[Waiting]] = None
         self.saving = threading.Lock()  # its saves, in order
         self.saved = b""  # its state as last saved
         self._next_id = 1
@@ -1681,9 +1804,19 @@ class Session:
             self.late[our_id] = call.request
         return [call for _, call in out]
 
+    def expired_waiting(self, now: float) -> List["Waiting"]:
+        """Take the requests waiting for a connection past their deadline."""
+        if not self.waiting or all(item.deadline > now for item in self.waiting):
+            return []
+        out = [item for item in self.waiting if item.deadline <= now]
+        self.waiting = collections.deque(item for item in self.waiting if item.deadline > now)
+        return out
+
     def idle(self) -> bool:
-        return not (self.calls or self.turns or any(not answered for _, _, answered
-                                                   in self.asked.values()))
+        """Nothing in flight: no request on its way or unanswered, no running turn, no
+        open approval, no connector (it holds what it has not sent yet)."""
+        return not (self.calls or self.turns or self.waiting is not None or self.sending
+                    or any(not answered for _, _, answered in self.asked.values()))
 
     def follow(self, route: rpc.Route) -> None:
         """A reply topic or partition the client names holds for what Codex sends unasked."""
@@ -1892,44 +2025,49 @@ class CodexProcess:
 
     def connect(self) -> Tuple[Any, subprocess.Popen]:
         """A new WebSocket connection to Codex (started when it is not running), and the
-        process; CodexUnavailable naming why there is none."""
+        process; CodexUnavailable naming why there is none, within START_TIMEOUT whatever
+        Codex does (a Codex that takes the socket but never answers the handshake too)."""
         from websockets.sync.client import unix_connect
         direct = {"legacy": True} if "legacy" in inspect.signature(unix_connect).parameters \
             else {}  # websockets 16 and later: connect outside a ``with`` block
-        for attempt in (1, 2):
+        deadline = time.monotonic() + self.START_TIMEOUT
+        restarted = False
+        while True:
             with self._lock:
                 if self._stopping:
                     raise CodexUnavailable("codex-app-server is shutting down")
                 if time.monotonic() < self._failed_until:  # no start attempt per request
                     raise CodexUnavailable(self._failure)
-                started = self._process is None or self._process.poll() is not None
-                if started:
+                if self._process is None or self._process.poll() is not None:
+                    # (a Codex on its way out when this began: one restart, same deadline)
+                    if restarted:
+                        self._fail(f"codex app-server exited with "
+                                   f"{_how(self._process.returncode)} before it took a "
+                                   "connection")
                     self._start()
+                    restarted = self._process is not None
                 process, path = self._process, self._socket
-            deadline = time.monotonic() + self.START_TIMEOUT
-            while True:
-                try:
-                    return unix_connect(path, max_size=self.max_size, ping_interval=None,
-                                        close_timeout=1, compression=None, **direct), process
-                except Exception as exc:  # not listening yet (OSError), a refused handshake
-                    if not started and attempt == 1:  # a Codex on its way out: wait, restart
-                        _exit_reason(process, wait=5.0)
-                        break
-                    if process.poll() is not None:
-                        failure = f"codex app-server exited with {_how(process.returncode)} " \
-                                  "before it took a connection"
-                    elif time.monotonic() >= deadline:
-                        self._signal(process, signal.SIGKILL)
-                        failure = f"codex app-server did not take a connection on its " \
-                                  f"socket within {self.START_TIMEOUT:g} s ({exc}); stopped it"
-                    else:
-                        time.sleep(0.02)
-                        continue
-                    log.error("%s", failure)
-                    self._failure = failure
-                    self._failed_until = time.monotonic() + self.RETRY_AFTER
-                    raise CodexUnavailable(failure) from None
-        raise CodexUnavailable("codex app-server did not exit")  # the old one lingers on
+            try:
+                return unix_connect(path, max_size=self.max_size, ping_interval=None,
+                                    close_timeout=1, compression=None, open_timeout=max(
+                                        0.05, deadline - time.monotonic()), **direct), process
+            except Exception as exc:  # not listening yet (OSError), a refused handshake
+                if process.poll() is None and time.monotonic() >= deadline:
+                    self._signal(process, signal.SIGKILL)
+                    with self._lock:
+                        self._fail(f"codex app-server did not take a connection on its "
+                                   f"socket within {self.START_TIMEOUT:g} s "
+                                   f"({exc or type(exc).__name__}); stopped it")
+                if process.poll() is None:
+                    time.sleep(0.02)
+
+    def _fail(self, failure: str) -> None:
+        """Under the lock: Codex cannot be had; requests fail at once for RETRY_AFTER."""
+        if time.monotonic() >= self._failed_until:  # (sessions connecting at once: one line)
+            log.error("%s", failure)
+        self._failure = failure
+        self._failed_until = time.monotonic() + self.RETRY_AFTER
+        raise CodexUnavailable(failure)
 
     def stop(self, deadline: float) -> None:
         """SIGTERM to its process group; SIGKILL when it has not gone by the deadline."""

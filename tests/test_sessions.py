@@ -266,3 +266,34 @@ def test_stdin_ending_while_its_session_connects_leaves_kafka_serving(codex_serv
         client.close()
     assert server.process.poll() is None and "transport failed" not in server.log, server.log
     assert server.stop() == 0, server.log
+
+
+def test_a_hung_connect_holds_no_other_session(codex_server, topics):
+    """Codex stopped (SIGSTOP): a new session's connection attempt hangs in the WebSocket
+    handshake.  An initialized session's request goes on meanwhile, and both clients hear
+    of --request-timeout; the attempt itself gives up within its 20 s."""
+    server = codex_server(topics, "--request-timeout", "3")
+    alice = KafkaClient(topics, b"alice")
+    bob = KafkaClient(topics, b"bob")
+    codex_pid = None
+    try:
+        initialize(alice, 1)
+        codex_pid = logged_codex_pids(server)[-1]
+        os.kill(codex_pid, signal.SIGSTOP)
+        bob.send({"id": 1, "method": "initialize", "params": {"clientInfo": CLIENT_INFO}})
+        sent = time.monotonic()
+        alice.send({"id": 2, "method": "model/list", "params": {}})
+        timed_out = {"code": -32603, "message": "request timed out after 3 s"}
+        assert alice.reply(2, WAIT)[1]["error"] == timed_out
+        assert bob.reply(1, WAIT)[1]["error"] == timed_out
+        server.wait_for_log("did not take a connection on its socket within 20 s",
+                            timeout=max(1.0, sent + 28 - time.monotonic()))
+        assert "still waiting for its connection to codex" in server.log, server.log
+    finally:
+        if codex_pid is not None:
+            try:
+                os.kill(codex_pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        alice.close()
+        bob.close()

@@ -846,6 +846,8 @@ def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state()
     time.sleep(0.5)
     assert backend._sessions[transport, b"busy"].connection is not None  # something in flight
     backend.handle(transport, {"id": 3, "method": "again", "params": {}}, route=rpc.Route(b"idle"))
+    wait_for(lambda: len(codex.sockets) == 3 and len(codex.sockets[-1].sent) == 2,
+             "the session not reopened")  # (by a connector thread of its own)
     reopened = codex.sockets[-1].sent
     assert [m.get("method") for m in reopened] == ["initialize", "again"], reopened
     assert reopened[0]["params"] == init["params"]
