@@ -26,9 +26,19 @@ import pytest
 from conftest import ROOT, KafkaClient, ServerProcess, Topics
 from mock_responses import MockResponsesServer
 
-CODEX_VERSION = "0.169.0"
-CODEX_BIN = ROOT / "node_modules" / "@openai" / "codex-linux-x64" / "vendor" / \
-    "x86_64-unknown-linux-musl" / "bin" / "codex"
+PINNED_CODEX = "0.169.0"  # what the whole suite runs against (scripts/test installs it)
+NEWEST_CODEX = "0.171.0"  # scripts/test runs this file and test_protocol.py against it too
+CODEX_VERSION = os.environ.get("TEST_CODEX_VERSION", PINNED_CODEX)
+
+
+def codex_binary(version: str) -> Path:
+    """Where scripts/test installs Codex ``version`` (npm; node_modules is git-ignored)."""
+    prefix = ROOT if version == PINNED_CODEX else ROOT / ".codex-versions" / version
+    return prefix / "node_modules" / "@openai" / "codex-linux-x64" / "vendor" / \
+        "x86_64-unknown-linux-musl" / "bin" / "codex"
+
+
+CODEX_BIN = codex_binary(CODEX_VERSION)
 HOMES = ROOT / ".test-homes"  # CODEX_HOME dirs; outside /tmp on purpose, git-ignored
 CLIENT_INFO = {"name": "pytest", "version": "0.0.1"}
 MOCK_TEXT = "Hello! How can I help you today?"
@@ -69,7 +79,8 @@ stream_idle_timeout_ms = 20000
 
 @pytest.fixture(scope="session")
 def codex_bin() -> str:
-    install = f"run `npm install @openai/codex@{CODEX_VERSION}` in {ROOT}"
+    install = f"run `npm install @openai/codex@{CODEX_VERSION}` in " \
+              f"{CODEX_BIN.parents[6]} (scripts/test does)"
     if not CODEX_BIN.is_file() or not os.access(str(CODEX_BIN), os.X_OK):
         pytest.fail(f"Codex binary not found at {CODEX_BIN}: {install}", pytrace=False)
     try:
@@ -78,6 +89,9 @@ def codex_bin() -> str:
         pytest.fail(f"cannot run {CODEX_BIN} --version ({exc}): {install}", pytrace=False)
     if version.returncode != 0:
         pytest.fail(f"{CODEX_BIN} --version failed: {version.stderr!r}: {install}", pytrace=False)
+    if CODEX_VERSION not in version.stdout.decode(errors="replace"):
+        pytest.fail(f"{CODEX_BIN} is {version.stdout!r}, not {CODEX_VERSION}: {install}",
+                    pytrace=False)
     return str(CODEX_BIN)
 
 
