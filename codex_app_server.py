@@ -202,8 +202,8 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
                              "flag)")
     parser.add_argument("--backend", choices=("codex", "builtin"), default="codex",
                         help="what answers: one 'codex app-server' with a connection per "
-                             "session, or the built-in initialize/noop backend for smoke tests "
-                             "(default: codex)")
+                             "session, or the built-in initialize/noop/echo backend for smoke "
+                             "tests (default: codex)")
     parser.add_argument("--codex-command", metavar="COMMAND",
                         help="command line of the Codex child (default: $CODEX_APP_SERVER_COMMAND "
                              f"or '{DEFAULT_CODEX_COMMAND}')")
@@ -563,7 +563,7 @@ class Server:
         """One INFO line ``stats: {...}`` (and a record on the stats topic): what an operator
         needs without Kafka's tools.  Payload-free: counts only."""
         stats: Dict[str, Any] = dict(queue=self.processor.queued(), sessions=0, in_flight=0,
-                                     codex_restarts=0)
+                                     codex_restarts=0, codex_overloaded=0)
         stats.update(self.processor.backend.stats())
         kafka = [transport for transport in self.transports
                  if isinstance(transport, rpc.KafkaTransport)]
@@ -972,7 +972,8 @@ class Backend:
 
 
 class BuiltinBackend(Backend):
-    """Answers ``initialize`` and ``noop`` in-process: transport smoke tests without Codex."""
+    """Answers ``initialize``, ``noop`` and ``echo`` (its params are the result) in-process:
+    transport smoke tests without Codex, payloads of any size included."""
 
     def __init__(self, delay: float = 0.0):
         self.delay = delay
@@ -990,6 +991,8 @@ class BuiltinBackend(Backend):
                           "platformOs": _platform_os()}
             elif method == "noop":
                 result = {}
+            elif method == "echo":
+                result = message.get("params", {})
             else:
                 transport.send(rpc.error_response(message["id"], rpc.METHOD_NOT_FOUND,
                                                   f"Method not found: {method}"), done, route)
@@ -1103,6 +1106,7 @@ class CodexBackend(Backend):
         self._lock = threading.Condition()  # guards every session
         self._in_flight = 0
         self._held = 0  # messages waiting for a connection being opened
+        self._overloads = 0  # Codex's "retry later" answers, since start
         self._connecting: Set["Session"] = set()  # sessions whose connector runs
         self._sessions: "collections.OrderedDict[Tuple[Any, Optional[bytes]], Session]" = \
             collections.OrderedDict()
@@ -1307,7 +1311,8 @@ class CodexBackend(Backend):
     def stats(self) -> Dict[str, int]:
         with self._lock:
             return {"sessions": len(self._open), "in_flight": self._in_flight,
-                    "codex_restarts": max(0, self._codex.starts - 1)}
+                    "codex_restarts": max(0, self._codex.starts - 1),
+                    "codex_overloaded": self._overloads}
 
     def _finish(self, which: Callable[["Session"], bool], deadline: float,
                 why: str = "codex-app-server is shutting down", answer: bool = True,
@@ -1603,6 +1608,7 @@ class CodexBackend(Backend):
                 call = session.calls.get(message["id"])
                 retry = call is not None and _overloaded(call, message)
                 if call is not None and not retry:
+                    session.backoff = 0.0  # Codex takes requests again
                     del session.calls[message["id"]]
                     self._in_flight -= 1
                     self._lock.notify_all()
@@ -1616,11 +1622,7 @@ class CodexBackend(Backend):
         else:
             self._save(session)
         if retry:
-            # Backoff on this session's reader: its later messages wait too, which is the
-            # backpressure an overloaded Codex asks for.
-            call.retries += 1
-            time.sleep(min(2.0, 0.05 * 2 ** call.retries))
-            connection.send(rpc.encode(dict(call.request, id=message["id"])))
+            self._retry_later(session, connection, message["id"], call)
         elif message is None:
             return  # nothing the client should see
         elif "method" in message:
@@ -1630,6 +1632,34 @@ class CodexBackend(Backend):
                         _session_name(session.key), message.get("id"))
         elif call.request.get("id") is not None:  # None: a request of our own (a replay)
             session.transport.send(dict(message, id=call.request["id"]), call.done, call.route)
+
+    def _retry_later(self, session: "Session", connection: "CodexConnection", our_id: int,
+                     call: "Call") -> None:
+        """Codex said "retry later": the session's overloaded requests go again together
+        after a backoff (doubling to 2 s while Codex keeps saying so).  Its reader goes on
+        meanwhile (a sleep there would hold the replies to everything else it asked); the
+        requests still count as in flight, which holds the transports back."""
+        call.retries += 1
+        with self._lock:
+            self._overloads += 1
+            session.overloaded.append((our_id, call))
+            if len(session.overloaded) > 1:
+                return  # a resend is already due
+            session.backoff = min(2.0, max(0.05, session.backoff * 2))
+            delay = session.backoff
+        timer = threading.Timer(delay, self._resend, (session, connection))
+        timer.daemon = True
+        timer.start()
+
+    def _resend(self, session: "Session", connection: "CodexConnection") -> None:
+        with self._lock:
+            due, session.overloaded = session.overloaded, []
+            if session.connection is not connection:
+                return  # lost meanwhile: its loss answered them
+            data = [rpc.encode(dict(call.request, id=our_id)) for our_id, call in due
+                    if session.calls.get(our_id) is call]  # (not timed out meanwhile)
+        for item in data:
+            connection.send(item)
 
     def _ask_client(self, session: "Session", connection: "CodexConnection",
                     request: Message) -> Message:
@@ -1784,6 +1814,8 @@ class Session:
         self.moved = False  # its partition moved to another server: it is closing
         self.cut = False  # its connection was closed for good: what waits is refused
         self.sending = 0  # messages handed straight to its connection, not yet sent
+        self.overloaded: List[Tuple[int, Call]] = []  # Codex said "retry later" to these
+        self.backoff = 0.0  # seconds before they go again
         # While a connector opens its connection: what is to be sent on it, in order.
         self.waiting: Optional[Deque[Waiting]] = None
         self.saving = threading.Lock()  # its saves, in order

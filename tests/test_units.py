@@ -516,6 +516,9 @@ def test_builtin_backend_answers_and_acknowledges():
     assert init["result"]["platformOs"] == "linux"
     assert noop == {"jsonrpc": "2.0", "id": "n", "result": {}}
     assert unknown["id"] == 2 and unknown["error"]["code"] == rpc.METHOD_NOT_FOUND
+    payload = {"data": "x" * 100000, "n": [1, 2.5, None]}
+    backend.handle(transport, {"id": 3, "method": "echo", "params": payload}, rpc.nothing)
+    assert transport.sent[-1] == {"jsonrpc": "2.0", "id": 3, "result": payload}
 
 
 # --- docs match the CLI ----------------------------------------------------------
@@ -727,6 +730,7 @@ class ScriptedCodex:
     def __init__(self, answer):
         self.answer = answer
         self.users = 0
+        self.starts = 1
         self.sockets = []
 
     def connect(self):
@@ -761,6 +765,32 @@ def test_codex_overload_is_retried_not_passed_on():
     wait_for(lambda: transport.sent, "no reply")
     assert transport.sent == [{"id": 7, "result": {"ok": True}}]
     assert len(attempts) == 3 and len(set(attempts)) == 1, attempts
+
+
+def test_codex_overload_holds_back_only_the_request_it_answers():
+    """A "retry later" must not stop the session's reader: the reply to the next request
+    reaches the client before the overloaded one is sent again."""
+    events = []
+
+    def answer(message):
+        events.append(("codex got", message.get("method"), message["id"]))
+        if message.get("method") == "a" and len([e for e in events if e[1] == "a"]) == 1:
+            return [{"id": message["id"], "error": {"code": -32001, "message": "overloaded"}}]
+        return [{"id": message["id"], "result": {}}]
+
+    class Client(Recorder):
+        def send(self, message, done=rpc.nothing, route=rpc.DEFAULT_ROUTE):
+            events.append(("client got", message["id"]))
+            super().send(message, done, route)
+    transport = Client()
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend.handle(transport, {"id": "A", "method": "a", "params": {}})
+    backend.handle(transport, {"id": "B", "method": "b", "params": {}})
+    wait_for(lambda: len(transport.sent) == 2, "no replies")
+    retried = next(n for n, e in enumerate(events) if e[:2] == ("codex got", "a")
+                   and n > events.index(next(e for e in events if e[1] == "a")))
+    assert events.index(("client got", "B")) < retried, events
+    assert backend.stats()["codex_overloaded"] == 1
 
 
 def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
@@ -911,3 +941,64 @@ def test_server_request_ids_never_repeat_and_follow_the_clock(monkeypatch):
     later = next(ids)
     assert later == int(now[0] * 1_000_000) > burst[-1]
     assert later < 2 ** 53
+
+
+def test_big_unacknowledged_replies_pause_the_input_until_half_are_acknowledged():
+    """Replies held for a retry are bounded in bytes as well as in number: a few thousand
+    big ones pause the input (kafka-python's producer buffers without a bound of its own)."""
+    class Sink:
+        def offer(self, transport, items):
+            return len(items)
+
+        def has_room(self):
+            return True
+
+    class Future:
+        def __init__(self):
+            self.callbacks = []
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+        def add_errback(self, errback):
+            pass
+
+    class Producer:
+        def __init__(self):
+            self.futures = []
+
+        def send(self, *args, **kwargs):
+            self.futures.append(Future())
+            return self.futures[-1]
+
+        def partitions_for(self, topic):
+            return {0}
+
+    class Consumer:
+        paused_now = ()
+
+        def assignment(self):
+            return {"in-0"}
+
+        def pause(self, *partitions):
+            self.paused_now = partitions
+
+        def paused(self):
+            return self.paused_now
+
+        def resume(self, *partitions):
+            self.paused_now = ()
+
+    transport = rpc.KafkaTransport("in", "out", Sink(), {"bootstrap.servers": "127.0.0.1:1",
+                                                         "group.id": "g"})
+    transport._producer, transport._consumer = Producer(), Consumer()
+    reply = {"id": 1, "result": {"data": "x" * 100_000}}
+    for _ in range(700):  # 70 MB, far below the 10,000 records bound
+        transport.send(dict(reply), route=rpc.Route(b"s"))
+    transport._offer_backlog()
+    assert transport._paused and transport._consumer.paused_now == ("in-0",)
+    assert transport.stats()["unacknowledged_bytes"] > 64 * 1024 * 1024
+    for future in transport._producer.futures[:400]:
+        future.callbacks[0](None)  # acknowledged: 30 MB left
+    transport._offer_backlog()
+    assert not transport._paused
