@@ -129,7 +129,8 @@ def build_parser(proxy: bool = False) -> argparse.ArgumentParser:
         kafka.add_argument("--kafka-session", metavar="ID", type=_session,
                            help="the session: the record key of everything sent, and the "
                                 "codex-session header of everything read (default: a fresh "
-                                "random id per run)")
+                                "random id per run; a client that comes back to its threads "
+                                "passes the same id each time: a thread is its session's)")
         kafka.add_argument("--kafka-reply-topic", metavar="TOPIC", type=_topic,
                            help="have the server reply on this topic (kafka_replyTopic "
                                 "header) and read it instead of the output topic")
@@ -212,6 +213,10 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
                              "Codex at once; the least recently used idle one is closed to make "
                              "room; with none idle for a second, a request gets -32001 "
                              "(default: 1000)")
+    parser.add_argument("--shared-threads", action="store_true",
+                        help="every session sees and may use every thread (for clients that "
+                             "trust one another); default: a thread is the session's that "
+                             "started or forked it")
     parser.add_argument("--session-idle-timeout", metavar="SECONDS", type=_seconds,
                         default=600.0,
                         help="close a session's connection to Codex after this long without "
@@ -1097,8 +1102,9 @@ class CodexBackend(Backend):
 
     def __init__(self, codex: "CodexProcess", max_sessions: int = 1000,
                  idle_timeout: float = 600.0, request_timeout: float = 0.0,
-                 max_in_flight: int = 1000):
+                 max_in_flight: int = 1000, shared_threads: bool = False):
         self._codex = codex
+        self.shared_threads = shared_threads
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
@@ -1221,11 +1227,17 @@ class CodexBackend(Backend):
         with self._lock:
             self._wait_for_room()
             our_id = session.new_id()
-        data = rpc.encode(dict(message, id=our_id))  # before it is pending: may raise
+            outgoing, fakes = session.confine(message)
+        if isinstance(outgoing, str):  # not for this session: answered here
+            session.transport.send(rpc.error_response(message["id"], rpc.INVALID_REQUEST,
+                                                      outgoing), item.done, item.route)
+            return True
+        data = rpc.encode(dict(outgoing, id=our_id))  # before it is pending: may raise
         with self._lock:
             if session.connection is not connection:
                 return False  # lost meanwhile
             self._call(session, our_id, message, item.done, item.route, item.deadline)
+            session.calls[our_id].fakes = fakes
             if message["method"] == "initialize" and session.init_result is None:
                 session.init_params = message.get("params")
         if connection.send(data):  # outside the lock: a full socket may block it
@@ -1372,6 +1384,8 @@ class CodexBackend(Backend):
             session = self._sessions.get(key)
             if session is None:
                 session = self._sessions[key] = Session(transport, route.session)
+                # Stdio is the local operator's: upstream's view of every thread.
+                session.confined = not self.shared_threads and transport.name != "stdio"
                 load = getattr(transport, "load", None)
                 state = load(route.session) if load is not None else None
                 if state:  # saved by this server before a restart, or by another one
@@ -1631,7 +1645,8 @@ class CodexBackend(Backend):
             log.warning("session %s: codex answered id %r, which no client asked",
                         _session_name(session.key), message.get("id"))
         elif call.request.get("id") is not None:  # None: a request of our own (a replay)
-            session.transport.send(dict(message, id=call.request["id"]), call.done, call.route)
+            reply = session.unconfine(call, message) if session.confined else message
+            session.transport.send(dict(reply, id=call.request["id"]), call.done, call.route)
 
     def _retry_later(self, session: "Session", connection: "CodexConnection", our_id: int,
                      call: "Call") -> None:
@@ -1731,6 +1746,7 @@ SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
 SESSION_MEMORY = 10000  # closed sessions whose state (initialize, threads) is kept
 SESSION_WAIT = 1.0  # seconds a new session waits for an idle one to close, at --max-sessions
 SESSION_THREADS = 1000  # threads a session resumes on a new connection, the newest
+SESSION_OWNED = 10000  # threads a session owns (started or forked), the newest
 
 
 class RequestIds:
@@ -1761,12 +1777,13 @@ class Call:
     """A request on its way through Codex: the client's request (``done`` and ``route`` for
     its reply; none for a request of the server's own), its deadline, the retries so far."""
 
-    __slots__ = ("request", "done", "route", "deadline", "retries")
+    __slots__ = ("request", "done", "route", "deadline", "retries", "fakes")
 
     def __init__(self, request: Message, done: rpc.Done, route: rpc.Route, deadline: float):
         self.request, self.done, self.route = request, done, route
         self.deadline = deadline
         self.retries = 0
+        self.fakes: Dict[str, str] = {}  # thread ids sent in place of another's -> theirs
 
 
 class Waiting:
@@ -1803,6 +1820,8 @@ class Session:
         self.init_result: Optional[Any] = None
         self.initialized = False  # the client sent the `initialized` notification
         self.threads: Dict[str, None] = {}  # loaded threads, oldest first
+        self.owned: Dict[str, None] = {}  # threads it started or forked, oldest first
+        self.confined = False  # it may use only the threads it owns
         self.calls: Dict[int, Call] = {}  # our id -> a request Codex has not answered
         self.late: Dict[int, Message] = {}  # our id -> a request that timed out (the newest)
         # Codex's ids of its unresolved requests to the client -> (the client's id, thread id,
@@ -1862,15 +1881,17 @@ class Session:
     def state(self) -> bytes:
         """What the session store keeps: what a new connection is told (``replay``)."""
         return rpc.encode({"initialize": self.init_params, "result": self.init_result,
-                           "initialized": self.initialized, "threads": list(self.threads)})
+                           "initialized": self.initialized, "threads": list(self.threads),
+                           "owned": list(self.owned)})
 
     def restore(self, state: bytes) -> None:
         """Take the state a server saved (``state``); a broken one is ignored."""
         try:
             saved = json.loads(state)
             rpc.encode(saved)  # what is replayed must be strict JSON
-            threads, result = saved["threads"], saved["result"]
+            threads, result, owned = saved["threads"], saved["result"], saved.get("owned", [])
             if not (isinstance(threads, list) and all(isinstance(t, str) for t in threads)
+                    and isinstance(owned, list) and all(isinstance(t, str) for t in owned)
                     and isinstance(result, (dict, type(None)))
                     and isinstance(saved["initialize"], (dict, list, type(None)))):
                 raise TypeError("not a saved session state")
@@ -1878,6 +1899,7 @@ class Session:
                 self.init_params, self.init_result = saved["initialize"], result
                 self.initialized = saved["initialized"] is True
             self.threads = dict.fromkeys(threads[-SESSION_THREADS:])
+            self.owned = dict.fromkeys(owned[-SESSION_OWNED:])
             self.saved = state
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             log.warning("session %s: ignoring its saved state: %r", _session_name(self.key), exc)
@@ -1914,6 +1936,10 @@ class Session:
                 self.threads[thread["id"]] = None
                 if len(self.threads) > SESSION_THREADS:
                     del self.threads[next(iter(self.threads))]
+                if method != "thread/resume":  # a new thread: the session's own
+                    self.owned[thread["id"]] = None
+                    if len(self.owned) > SESSION_OWNED:
+                        del self.owned[next(iter(self.owned))]
         elif result is None and method == "thread/resume" and request.get("id") is None:
             params = request.get("params") or {}
             self.threads.pop(params.get("threadId"), None)  # gone: resume it no more
@@ -1930,6 +1956,8 @@ class Session:
         method, params = notification["method"], notification.get("params")
         if not isinstance(params, dict):
             return notification
+        if self.confined and not self.may_see(params):
+            return None  # another session's thread (Codex tells every connection of some)
         if method == "turn/started" or method == "turn/completed":
             turn = params.get("turn")
             if isinstance(turn, dict) and isinstance(turn.get("id"), str):
@@ -1945,6 +1973,91 @@ class Session:
             return dict(notification, params=dict(params, requestId=request[0]))
         return notification
 
+
+
+    def may_see(self, params: Dict[str, Any]) -> bool:
+        """Whether a notification with these params is this session's: one that names a
+        thread (``threadId``, or ``thread.id`` as in ``thread/started``) names its own."""
+        thread = params.get("threadId")
+        if thread is None and isinstance(params.get("thread"), dict):
+            thread = params["thread"].get("id")
+        return not isinstance(thread, str) or thread in self.owned
+
+    def confine(self, request: Message) -> Tuple[Any, Dict[str, str]]:
+        """The request to send for this session: every thread id its params name that is
+        not its own (``threadId``, ``…ThreadId``, ``…ThreadIds``) replaced by a fresh id no
+        thread has, so Codex gives the error it gives for a thread that does not exist
+        (no oracle of which ids exist); (that request, {fresh id: the client's}).  A str
+        instead: why the request is refused outright."""
+        params = request.get("params")
+        if not self.confined or not isinstance(params, dict):
+            return request, {}
+        method = request["method"]
+        if method in CONFINED_REFUSED:
+            return f"{method} is not available to this session: {CONFINED_REFUSED[method]} " \
+                   "(the server runs without --shared-threads)", {}
+        if method in ("thread/resume", "thread/fork") and params.get("path") is not None:
+            return f"{method} by path is not available to this session: name the thread by " \
+                   "its threadId (the server runs without --shared-threads)", {}
+        fakes: Dict[str, str] = {}
+
+        def own(value: Any) -> Any:
+            if isinstance(value, list):
+                return [own(item) for item in value]
+            if not isinstance(value, str) or value in self.owned or not _is_uuid(value):
+                return value  # (not a thread id at all: Codex says so itself)
+            fake = str(uuid.uuid4())
+            fakes[fake] = value
+            return fake
+        named = {key: own(value) for key, value in params.items() if _THREAD_KEY.search(key)}
+        if not fakes:
+            return request, {}
+        return dict(request, params=dict(params, **named)), fakes
+
+    def unconfine(self, call: "Call", reply: Message) -> Message:
+        """Codex's reply as this session may see it: the client's thread ids back in an
+        error, and in a listing only the threads it owns."""
+        if "error" in reply and call.fakes:
+            text = json.dumps(reply["error"])
+            for fake, original in call.fakes.items():
+                text = text.replace(fake, original)
+            return dict(reply, error=json.loads(text))
+        where = THREAD_LISTS.get(call.request["method"])
+        result = reply.get("result")
+        if where is None or not isinstance(result, dict) or not isinstance(
+                result.get("data"), list):
+            return reply
+
+        def thread_of(item: Any) -> Any:
+            for key in where:
+                item = item.get(key) if isinstance(item, dict) else None
+            return item
+        result = dict(result, data=[item for item in result["data"]
+                                    if thread_of(item) in self.owned])
+        if isinstance(result.get("readStates"), dict):
+            result["readStates"] = {thread: state for thread, state
+                                    in result["readStates"].items() if thread in self.owned}
+        return dict(reply, result=result)
+
+
+# What confined sessions' listings show: the path to each item's thread id (none: the item
+# is the id).
+THREAD_LISTS: Dict[str, Tuple[str, ...]] = {
+    "thread/list": ("id",), "thread/loaded/list": (), "thread/search": ("thread", "id"),
+    "thread/attachmentOwner/list": ("threadId",)}
+# What confined sessions may not call at all, and why.
+CONFINED_REFUSED = {
+    "thread/search/stream": "its partial results name every session's threads; use "
+                            "thread/search"}
+_THREAD_KEY = re.compile(r"(^t|T)hreadIds?$")
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _session_name(key: Optional[bytes]) -> str:
@@ -2247,7 +2360,7 @@ def backend_for(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ba
     return CodexBackend(CodexProcess(argv, max_size=max(args.max_message_bytes,
                                                         CODEX_LINE_LIMIT)),
                         args.max_sessions, args.session_idle_timeout, args.request_timeout,
-                        max_in_flight=args.queue_size)
+                        max_in_flight=args.queue_size, shared_threads=args.shared_threads)
 
 
 if __name__ == "__main__":

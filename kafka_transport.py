@@ -920,6 +920,10 @@ class KafkaTransport:
         self.max_unacked_bytes = 64 * 1024 * 1024
         self._sink = sink
         self._poll_ms = int(poll_interval * 1000)
+        # Never a client's reply topic: a reply keyed by a client-chosen id in the session
+        # topic would replace that session's state for good (compaction), say.
+        self._own_topics = frozenset(topic for topic in (
+            input_topic, session_topic, dead_letter_topic, stats_topic) if topic)
         consumer_config, producer_config = client_config(properties)
         self._consumer_config = dict(consumer_config, enable_auto_commit=False)
         # Room for the key, headers and record overhead on top of the largest value.
@@ -1441,10 +1445,11 @@ class KafkaTransport:
                 route = _fallback_route(record.key, None)
             else:
                 route = parse_route(record.key, record.headers, self.reply_topic_pattern)
-                if route.topic is not None and (route.topic == self.input_topic
+                if route.topic is not None and (route.topic in self._own_topics
                                                 or route.topic.startswith("__")):
                     raise InvalidMessage(f"reply topic {route.topic} is not allowed: the "
-                                         "input topic and internal topics never are")
+                                         "server's own topics (input, session, dead-letter, "
+                                         "statistics) and internal topics never are")
             route.source = record.partition
         except InvalidMessage as exc:
             if message is not None and kind(message) == REQUEST:

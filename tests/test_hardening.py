@@ -412,14 +412,19 @@ def test_fuzz_kafka(topics, start_server):
     rng = random.Random(FUZZ_SEED + 1)
     client = KafkaClient(topics)
     client.producer.config["max_request_size"] = 4 * FUZZ_LIMIT
-    server = start_server(topics.server_args(*BUILTIN, "--max-message-bytes", str(FUZZ_LIMIT)))
+    dead = topics.input + ".dlq"
+    local_broker.create_topics(topics.bootstrap, [dead])
+    server = start_server(topics.server_args(*BUILTIN, "--max-message-bytes", str(FUZZ_LIMIT),
+                                             "--kafka-dead-letter-topic", dead))
     server.wait_ready()
     sent = 0
     try:
         while sent < FUZZ_COUNT // 3:
             value = None if rng.random() < 0.03 else fuzz_payload(rng)
             key = rng.choice([None, b"", b"k", bytes(rng.randrange(256) for _ in range(8))])
-            headers = rng.choice([None, [("h", b"\xff")], [("kafka_replyTopic", b"nope")]])
+            headers = rng.choice([None, [("h", b"\xff")], [("kafka_replyTopic", b"nope")],
+                                  [("kafka_replyTopic", dead.encode())],  # the server's own
+                                  [("reply_to", topics.input.encode())]])
             if value is None and key is None:
                 key = b"tombstone"
             client.producer.send(topics.input, value=value, key=key, headers=headers)
@@ -433,6 +438,9 @@ def test_fuzz_kafka(topics, start_server):
         assert len(replies) >= len(client.seen)
         for record in replies:
             check_reply(record.value)
+        # The dead-letter topic holds dead letters only, never a reply sent there.
+        for record in read_topic(topics.bootstrap, dead, sent, timeout=10):
+            assert "__connect.errors.topic" in dict(record.headers or ()), record
         rss = peak_rss_mb(server.process.pid)
         assert rss < 250, f"seed {FUZZ_SEED + 1}: peak RSS {rss:.0f} MB"
         assert server.stop() == 0

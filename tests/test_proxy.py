@@ -138,6 +138,37 @@ def test_official_sdk_runs_a_turn_through_the_proxy(codex_server, topics, mock_m
     assert result.final_response == "Hello through Kafka!"
 
 
+def test_official_sdk_comes_back_to_its_thread_with_the_same_session_only(
+        codex_server, topics, mock_model, sdk, tmp_path):
+    """The proxy's session is random per run: a client that comes back to its threads
+    passes the same --kafka-session, and another session cannot resume them."""
+    codex_server(topics)
+    mock_model.add_text("First.", n_deltas=1)
+    mock_model.add_text("Second.", n_deltas=1)
+
+    def run(session: str, step: Any) -> Any:
+        config = sdk_config(sdk, topics, tmp_path)
+        config.launch_args_override = config.launch_args_override + (
+            "--kafka-session", session)
+        codex = sdk[0].Codex(config)
+        timer = watchdog(codex._client, 90)
+        try:
+            return step(codex)
+        finally:
+            timer.cancel()
+            codex.close()
+    def start(codex: Any) -> str:
+        thread = codex.thread_start()
+        assert thread.run("hello").final_response == "First."  # (on disk from its first turn)
+        return thread.id
+    thread_id = run("alice", start)
+    with pytest.raises(Exception) as refused:
+        run("mallory", lambda codex: codex.thread_resume(thread_id))
+    assert "no rollout found for thread id " + thread_id in str(refused.value), refused.value
+    again = run("alice", lambda codex: codex.thread_resume(thread_id).run("once more"))
+    assert again.final_response == "Second.", again
+
+
 @pytest.mark.parametrize("decision, status", [("accept", "completed"), ("decline", "declined")])
 def test_official_sdk_approval_handler_through_the_proxy(codex_server, topics, mock_model, sdk,
                                                          tmp_path, decision, status):

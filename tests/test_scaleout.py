@@ -12,6 +12,7 @@ from conftest import KafkaClient, Topics, local_broker
 from test_codex import (  # noqa: F401 (fixtures)
     CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model,
     notification, request, text_input)
+from test_isolation import assert_refused_like_a_missing_thread
 
 
 def session_topics(broker: Any, partitions: int = 1) -> Tuple[Topics, str]:
@@ -59,6 +60,13 @@ def test_a_session_carries_on_without_a_new_initialize(codex_server, broker, moc
         assert turn["turn"]["status"] == "inProgress", turn
         done = notification(client, "turn/completed", threadId=thread)
         assert done["turn"]["status"] == "completed", done
+        # Still alice's alone: its ownership came back with the session's state.
+        mallory = KafkaClient(topics, b"mallory")
+        try:
+            initialize(mallory, 1)
+            assert_refused_like_a_missing_thread(mallory, thread)
+        finally:
+            mallory.close()
     finally:
         client.close()
 
