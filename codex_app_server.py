@@ -1985,14 +1985,18 @@ class Session:
 
     def confine(self, request: Message) -> Tuple[Any, Dict[str, str]]:
         """The request to send for this session: every thread id its params name that is
-        not its own (``threadId``, ``…ThreadId``, ``…ThreadIds``) replaced by a fresh id no
-        thread has, so Codex gives the error it gives for a thread that does not exist
-        (no oracle of which ids exist); (that request, {fresh id: the client's}).  A str
-        instead: why the request is refused outright."""
+        not its own (``threadId``, ``…ThreadId``, ``…ThreadIds``; any string there that is
+        not one of its threads) replaced by a fresh id no thread has, so Codex gives the
+        error it gives for a thread that does not exist (no oracle of which ids exist);
+        (that request, {fresh id: the client's}).  A str instead: why the request is refused
+        outright (params by position, which would name a thread by no name)."""
         params = request.get("params")
-        if not self.confined or not isinstance(params, dict):
+        if not self.confined or params is None:
             return request, {}
         method = request["method"]
+        if not isinstance(params, dict):  # (Codex takes a struct's fields by position too)
+            return f"{method}: params must be an object for this session, its members by " \
+                   "name (the server runs without --shared-threads)", {}
         if method in CONFINED_REFUSED:
             return f"{method} is not available to this session: {CONFINED_REFUSED[method]} " \
                    "(the server runs without --shared-threads)", {}
@@ -2004,8 +2008,8 @@ class Session:
         def own(value: Any) -> Any:
             if isinstance(value, list):
                 return [own(item) for item in value]
-            if not isinstance(value, str) or value in self.owned or not _is_uuid(value):
-                return value  # (not a thread id at all: Codex says so itself)
+            if not isinstance(value, str) or _canonical_uuid(value) in self.owned:
+                return value  # its own (in any spelling Codex takes), or no id at all
             fake = str(uuid.uuid4())
             fakes[fake] = value
             return fake
@@ -2049,15 +2053,16 @@ THREAD_LISTS: Dict[str, Tuple[str, ...]] = {
 CONFINED_REFUSED = {
     "thread/search/stream": "its partial results name every session's threads; use "
                             "thread/search"}
-_THREAD_KEY = re.compile(r"(^t|T)hreadIds?$")
+_THREAD_KEY = re.compile(r"thread_?ids?$", re.IGNORECASE)
 
 
-def _is_uuid(text: str) -> bool:
+def _canonical_uuid(text: str) -> Optional[str]:
+    """The one spelling of a UUID that Codex writes (it also takes upper case, no hyphens,
+    braces, a urn:uuid: prefix); None for a string that is none."""
     try:
-        uuid.UUID(text)
-        return True
+        return str(uuid.UUID(text))
     except ValueError:
-        return False
+        return None
 
 
 def _session_name(key: Optional[bytes]) -> str:

@@ -83,6 +83,18 @@ def test_a_session_cannot_reach_another_sessions_thread(codex_server, topics, mo
         request(alice, 3, "turn/start", {"threadId": thread, "input": text_input("hello")})
         notification(alice, "turn/completed", threadId=thread)
         assert_refused_like_a_missing_thread(mallory, thread)
+        # Other spellings Codex takes, and the same params by position.
+        for n, spelling in enumerate((thread.upper(), "urn:uuid:" + thread,
+                                      "{%s}" % thread, thread.replace("-", ""))):
+            mallory.send({"id": f"spelling-{n}", "method": "thread/read",
+                          "params": {"threadId": spelling}})
+            reply = mallory.reply(f"spelling-{n}", WAIT)[1]
+            assert "error" in reply and "thread" not in reply.get("result", {}), reply
+        mallory.send({"id": "positional", "method": "thread/read", "params": [thread, True]})
+        reply = mallory.reply("positional", WAIT)[1]
+        assert "params must be an object" in reply["error"]["message"], reply
+        assert request(alice, 4, "thread/read", {"threadId": "urn:uuid:" + thread}
+                       )["thread"]["id"] == thread  # the owner may spell it as Codex takes
         for method in ("thread/list", "thread/loaded/list"):
             assert request(mallory, method, method, {})["data"] == [], method
         assert [t["id"] for t in request(alice, 5, "thread/list", {})["data"]] == [thread]

@@ -1002,3 +1002,36 @@ def test_big_unacknowledged_replies_pause_the_input_until_half_are_acknowledged(
         future.callbacks[0](None)  # acknowledged: 30 MB left
     transport._offer_backlog()
     assert not transport._paused
+
+
+def test_a_confined_session_names_only_its_own_threads():
+    session = app.Session(None, b"alice")
+    session.confined = True
+    mine, theirs = "01a23abe-abd5-7ee0-8345-d2034c84f338", "01a23abe-abd5-7ee0-8345-d2034c84f339"
+    session.owned[mine] = None
+    request = {"id": 1, "method": "thread/list", "params": {
+        "includedThreadIds": [mine, theirs, mine.upper()], "parentThreadId": "not-a-uuid",
+        "thread_id": theirs, "cwd": theirs}}
+    sent, fakes = session.confine(request)
+    params = sent["params"]
+    assert params["includedThreadIds"][0] == mine and params["includedThreadIds"][2] == \
+        mine.upper()
+    assert set(fakes.values()) == {theirs, "not-a-uuid"} and len(fakes) == 3
+    assert params["parentThreadId"] in fakes and params["thread_id"] in fakes
+    assert params["cwd"] == theirs  # not a thread parameter
+    assert request["params"]["thread_id"] == theirs  # the client's request is untouched
+    call = app.Call(request, rpc.nothing, rpc.DEFAULT_ROUTE, 0.0)
+    call.fakes = fakes
+    fake = params["parentThreadId"]
+    error = session.unconfine(call, {"id": 5, "error": {"code": -32600,
+                                                         "message": f"not found: {fake}"}})
+    assert error["error"]["message"] == "not found: not-a-uuid"
+    listing = session.unconfine(call, {"id": 5, "result": {
+        "data": [{"id": mine}, {"id": theirs}], "readStates": {mine: 1, theirs: 2}}})
+    assert listing["result"] == {"data": [{"id": mine}], "readStates": {mine: 1}}
+    assert isinstance(session.confine({"id": 2, "method": "thread/read",
+                                       "params": [theirs]})[0], str)
+    assert session.may_see({"thread": {"id": mine}}) and not session.may_see(
+        {"threadId": theirs}) and session.may_see({"other": 1})
+    shared = app.Session(None, b"bob")  # not confined: as upstream
+    assert shared.confine(request) == (request, {})
