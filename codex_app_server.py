@@ -1163,13 +1163,20 @@ class CodexBackend(Backend):
                 session.sending += 1  # not idle, not closed to make room, until it is sent
             elif not ended:
                 if session.waiting is None:
-                    session.waiting = collections.deque()
-                    self._connecting.add(session)
-                    threading.Thread(target=self._connect, args=(session,), daemon=True,
-                                     name=f"connect-{_session_name(session.key)}").start()
-                session.waiting.append(item)
-                self._held += 1
-                return
+                    try:  # (no state changed before the thread runs: it may not start)
+                        threading.Thread(target=self._connect, args=(session,), daemon=True,
+                                         name=f"connect-{_session_name(session.key)}").start()
+                    except RuntimeError as exc:
+                        log.error("session %s: cannot start its connector: %s",
+                                  _session_name(session.key), exc)
+                        ended = True
+                    else:
+                        session.waiting = collections.deque()
+                        self._connecting.add(session)
+                if not ended:
+                    session.waiting.append(item)
+                    self._held += 1
+                    return
         if ended:
             self._refuse(session, item, (rpc.INTERNAL_ERROR, "codex-app-server is shutting "
                                                              "down"))
@@ -1185,7 +1192,26 @@ class CodexBackend(Backend):
 
     def _connect(self, session: "Session") -> None:
         """The connector of a session without a connection: open one, then hand it what
-        waits, in order, until nothing does (later messages then go straight on)."""
+        waits, in order, until nothing does (later messages then go straight on).  Nothing
+        is left waiting when it ends, whatever fails."""
+        with self._lock:  # the processor sets these right after starting this thread
+            while session.waiting is None:
+                self._lock.wait(0.01)
+        try:
+            self._drain(session)
+        except Exception:
+            log.exception("internal error connecting session %s to codex",
+                          _session_name(session.key))
+            with self._lock:
+                left, session.waiting = list(session.waiting or ()), None
+                self._held -= len(left)
+                self._connecting.discard(session)
+                self._lock.notify_all()
+            for item in left:
+                self._refuse(session, item, (rpc.INTERNAL_ERROR, "internal error in "
+                                             "codex-app-server (see its log)"))
+
+    def _drain(self, session: "Session") -> None:
         connection, failure = self._open_connection(session)
         while True:
             with self._lock:
@@ -1228,16 +1254,20 @@ class CodexBackend(Backend):
             self._wait_for_room()
             our_id = session.new_id()
             outgoing, fakes = session.confine(message)
-        if isinstance(outgoing, str):  # not for this session: answered here
-            session.transport.send(rpc.error_response(message["id"], rpc.INVALID_REQUEST,
-                                                      outgoing), item.done, item.route)
+            code = rpc.INVALID_REQUEST
+            if time.monotonic() >= item.deadline:  # waited for room that long: not sent
+                code, outgoing = rpc.INTERNAL_ERROR, \
+                    f"request timed out after {self.request_timeout:g} s"
+        if isinstance(outgoing, str):  # not for this session, or too late: answered here
+            session.transport.send(rpc.error_response(message["id"], code, outgoing),
+                                   item.done, item.route)
             return True
         data = rpc.encode(dict(outgoing, id=our_id))  # before it is pending: may raise
         with self._lock:
             if session.connection is not connection:
                 return False  # lost meanwhile
             self._call(session, our_id, message, item.done, item.route, item.deadline)
-            session.calls[our_id].fakes = fakes
+            session.calls[our_id].fakes, session.calls[our_id].sent = fakes, outgoing
             if message["method"] == "initialize" and session.init_result is None:
                 session.init_params = message.get("params")
         if connection.send(data):  # outside the lock: a full socket may block it
@@ -1600,14 +1630,17 @@ class CodexBackend(Backend):
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
         session = connection.session
-        call = retry = None
+        call = retry = refused = None
         with self._lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
             wait_for_save = False
             if "id" in message:  # not a notification: some are broadcast to every session
                 self._touch(session)
-            if "method" in message:
+            if "method" in message and "id" in message and session.confined \
+                    and not session.may_see(message.get("params") or {}):
+                refused, message = message, None  # never relayed: not the session's thread
+            elif "method" in message:
                 message = self._ask_client(session, connection, message) if "id" in message \
                     else session.notified(message, self._asked)
                 route = session.route
@@ -1635,6 +1668,9 @@ class CodexBackend(Backend):
             self._save(session, call.done)
         else:
             self._save(session)
+        if refused is not None:  # Codex hears at once that nobody here will answer it
+            connection.send(rpc.encode(rpc.error_response(
+                refused["id"], rpc.INVALID_REQUEST, "not this client's thread")))
         if retry:
             self._retry_later(session, connection, message["id"], call)
         elif message is None:
@@ -1657,23 +1693,25 @@ class CodexBackend(Backend):
         call.retries += 1
         with self._lock:
             self._overloads += 1
-            session.overloaded.append((our_id, call))
+            session.overloaded.append((our_id, call, connection))
             if len(session.overloaded) > 1:
                 return  # a resend is already due
             session.backoff = min(2.0, max(0.05, session.backoff * 2))
             delay = session.backoff
-        timer = threading.Timer(delay, self._resend, (session, connection))
+        timer = threading.Timer(delay, self._resend, (session,))
         timer.daemon = True
         timer.start()
 
-    def _resend(self, session: "Session", connection: "CodexConnection") -> None:
+    def _resend(self, session: "Session") -> None:
+        """Every overloaded request of the session, again, as it was sent (its thread ids
+        as ``confine`` made them), on the connection it was sent on if still the session's:
+        one lost meanwhile has answered its requests."""
         with self._lock:
             due, session.overloaded = session.overloaded, []
-            if session.connection is not connection:
-                return  # lost meanwhile: its loss answered them
-            data = [rpc.encode(dict(call.request, id=our_id)) for our_id, call in due
-                    if session.calls.get(our_id) is call]  # (not timed out meanwhile)
-        for item in data:
+            data = [(connection, rpc.encode(dict(call.sent, id=our_id)))
+                    for our_id, call, connection in due
+                    if session.connection is connection and session.calls.get(our_id) is call]
+        for connection, item in data:
             connection.send(item)
 
     def _ask_client(self, session: "Session", connection: "CodexConnection",
@@ -1705,6 +1743,7 @@ class CodexBackend(Backend):
             for outward, _, _ in withdrawn:
                 self._asked.pop(outward, None)
             turns, session.turns = session.turns, {}
+            session.overloaded, session.backoff = [], 0.0  # (answered below, as orphans)
             route = session.route
             self._lock.notify_all()
         exited = None if ending else _exit_reason(connection.process, wait=2.0)
@@ -1777,13 +1816,14 @@ class Call:
     """A request on its way through Codex: the client's request (``done`` and ``route`` for
     its reply; none for a request of the server's own), its deadline, the retries so far."""
 
-    __slots__ = ("request", "done", "route", "deadline", "retries", "fakes")
+    __slots__ = ("request", "done", "route", "deadline", "retries", "fakes", "sent")
 
     def __init__(self, request: Message, done: rpc.Done, route: rpc.Route, deadline: float):
         self.request, self.done, self.route = request, done, route
         self.deadline = deadline
         self.retries = 0
         self.fakes: Dict[str, str] = {}  # thread ids sent in place of another's -> theirs
+        self.sent = request  # as sent to Codex (``confine``'s), without our id
 
 
 class Waiting:
@@ -1833,7 +1873,8 @@ class Session:
         self.moved = False  # its partition moved to another server: it is closing
         self.cut = False  # its connection was closed for good: what waits is refused
         self.sending = 0  # messages handed straight to its connection, not yet sent
-        self.overloaded: List[Tuple[int, Call]] = []  # Codex said "retry later" to these
+        # Codex said "retry later" to these: (our id, the call, the connection it was sent on)
+        self.overloaded: List[Tuple[int, Call, Any]] = []
         self.backoff = 0.0  # seconds before they go again
         # While a connector opens its connection: what is to be sent on it, in order.
         self.waiting: Optional[Deque[Waiting]] = None
@@ -1913,6 +1954,8 @@ class Session:
         out = [own("initialize", self.init_params)]
         if self.initialized:
             out.append(rpc.encode({"method": "initialized"}))
+        if self.confined:  # (resumed under --shared-threads, or saved before owners were)
+            self.threads = {thread: None for thread in self.threads if thread in self.owned}
         out.extend(own("thread/resume", {"threadId": thread}) for thread in self.threads)
         return out
 
@@ -1956,7 +1999,13 @@ class Session:
         method, params = notification["method"], notification.get("params")
         if not isinstance(params, dict):
             return notification
+        if method == "thread/started" and isinstance(params.get("thread"), dict):
+            self.adopt(params["thread"])
         if self.confined and not self.may_see(params):
+            if method == "serverRequest/resolved":  # (never relayed: nothing to tell)
+                request = self.asked.pop(params.get("requestId"), None)
+                if request is not None:
+                    asked.pop(request[0], None)
             return None  # another session's thread (Codex tells every connection of some)
         if method == "turn/started" or method == "turn/completed":
             turn = params.get("turn")
@@ -1975,9 +2024,20 @@ class Session:
 
 
 
-    def may_see(self, params: Dict[str, Any]) -> bool:
+    def adopt(self, thread: Dict[str, Any]) -> None:
+        """A thread Codex made within one of the session's own (a sub-agent's, or one
+        attached to it) is the session's too."""
+        parent = thread.get("parentThreadId") or thread.get("attachedToThreadId")
+        if isinstance(parent, str) and parent in self.owned and isinstance(thread.get("id"), str) \
+                and thread["id"] not in self.owned:
+            self.owned[thread["id"]] = None
+            self.changed = True
+
+    def may_see(self, params: Any) -> bool:
         """Whether a notification with these params is this session's: one that names a
         thread (``threadId``, or ``thread.id`` as in ``thread/started``) names its own."""
+        if not isinstance(params, dict):
+            return True
         thread = params.get("threadId")
         if thread is None and isinstance(params.get("thread"), dict):
             thread = params["thread"].get("id")
@@ -1985,7 +2045,7 @@ class Session:
 
     def confine(self, request: Message) -> Tuple[Any, Dict[str, str]]:
         """The request to send for this session: every thread id its params name that is
-        not its own (``threadId``, ``…ThreadId``, ``…ThreadIds``; any string there that is
+        not its own (``threadId``, ``…ThreadId``, ``…ThreadIds``, ``threads``; any string that is
         not one of its threads) replaced by a fresh id no thread has, so Codex gives the
         error it gives for a thread that does not exist (no oracle of which ids exist);
         (that request, {fresh id: the client's}).  A str instead: why the request is refused
@@ -2022,10 +2082,7 @@ class Session:
         """Codex's reply as this session may see it: the client's thread ids back in an
         error, and in a listing only the threads it owns."""
         if "error" in reply and call.fakes:
-            text = json.dumps(reply["error"])
-            for fake, original in call.fakes.items():
-                text = text.replace(fake, original)
-            return dict(reply, error=json.loads(text))
+            return dict(reply, error=_replaced(reply["error"], call.fakes))
         where = THREAD_LISTS.get(call.request["method"])
         result = reply.get("result")
         if where is None or not isinstance(result, dict) or not isinstance(
@@ -2053,7 +2110,20 @@ THREAD_LISTS: Dict[str, Tuple[str, ...]] = {
 CONFINED_REFUSED = {
     "thread/search/stream": "its partial results name every session's threads; use "
                             "thread/search"}
-_THREAD_KEY = re.compile(r"thread_?ids?$", re.IGNORECASE)
+_THREAD_KEY = re.compile(r"thread(_?ids?|s)$", re.IGNORECASE)  # (project/import: threads)
+
+
+def _replaced(value: Any, fakes: Dict[str, str]) -> Any:
+    """``value`` with each fake id in its strings put back as the client's own."""
+    if isinstance(value, str):
+        for fake, original in fakes.items():
+            value = value.replace(fake, original)
+        return value
+    if isinstance(value, list):
+        return [_replaced(item, fakes) for item in value]
+    if isinstance(value, dict):
+        return {key: _replaced(item, fakes) for key, item in value.items()}
+    return value
 
 
 def _canonical_uuid(text: str) -> Optional[str]:

@@ -820,7 +820,7 @@ def test_an_approval_is_answered_only_by_the_session_it_was_asked_of(caplog):
                      "params": {"threadId": "t"}}]
         return []
     transport, other = Recorder(), Recorder()
-    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0, shared_threads=True)  # (t: nobody's)
     backend.handle(transport, {"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"a"))
     wait_for(lambda: transport.sent, "no approval request")
     asked = transport.sent[0]["id"]
@@ -1035,3 +1035,69 @@ def test_a_confined_session_names_only_its_own_threads():
         {"threadId": theirs}) and session.may_see({"other": 1})
     shared = app.Session(None, b"bob")  # not confined: as upstream
     assert shared.confine(request) == (request, {})
+
+
+ALICE_THREAD = "01a23abe-abd5-7ee0-8345-d2034c84f338"
+
+
+def test_a_retried_request_keeps_the_thread_ids_it_was_confined_to():
+    """Codex's "retry later", then the resend: still the fake id, never alice's."""
+    seen = []
+
+    def answer(message):
+        if message.get("method") != "thread/read":
+            return []
+        seen.append(message["params"]["threadId"])
+        if len(seen) == 1:
+            return [{"id": message["id"], "error": {"code": -32001, "message": "overloaded"}}]
+        return [{"id": message["id"], "error": {
+            "code": -32600, "message": "thread not loaded: " + message["params"]["threadId"]}}]
+    transport = Recorder()
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    backend.handle(transport, {"id": 1, "method": "thread/read",
+                               "params": {"threadId": ALICE_THREAD}}, route=rpc.Route(b"mallory"))
+    wait_for(lambda: transport.sent, "no reply")
+    assert len(seen) == 2 and ALICE_THREAD not in seen and seen[0] == seen[1], seen
+    assert transport.sent == [{"id": 1, "error": {
+        "code": -32600, "message": "thread not loaded: " + ALICE_THREAD}}]
+
+
+def test_any_string_in_a_thread_parameter_comes_back_in_the_error_as_sent():
+    def answer(message):
+        if message.get("method") == "thread/read":
+            return [{"id": message["id"], "error": {
+                "code": -32600, "message": "thread not loaded: " + message["params"]["threadId"],
+                "data": {"ids": [message["params"]["threadId"]]}}}]
+        return []
+    transport = Recorder()
+    backend = app.CodexBackend(ScriptedCodex(answer), 10, 0)
+    odd = 'a"b\\c\n{"x":1}'
+    backend.handle(transport, {"id": 2, "method": "thread/read", "params": {"threadId": odd}},
+                   route=rpc.Route(b"m"))
+    wait_for(lambda: transport.sent, "no reply")
+    assert transport.sent[0]["error"] == {"code": -32600, "message": "thread not loaded: " + odd,
+                                          "data": {"ids": [odd]}}
+
+
+def test_an_overloaded_request_of_a_new_connection_is_sent_again():
+    """A resend due for a lost connection does not take the next connection's with it."""
+    calls = []
+
+    def answer(message):
+        if message.get("method") == "x":
+            calls.append(message["id"])
+            if len(calls) <= 2:
+                return [{"id": message["id"], "error": {"code": -32001, "message": "later"}}]
+            return [{"id": message["id"], "result": {}}]
+        return []
+    transport = Recorder()
+    codex = ScriptedCodex(answer)
+    backend = app.CodexBackend(codex, 10, 0)
+    backend.handle(transport, {"id": "A", "method": "x", "params": {}}, route=rpc.Route(b"s"))
+    wait_for(lambda: len(calls) == 1, "A not sent")
+    codex.sockets[0].close()  # connection 1 lost while A waits for its resend
+    wait_for(lambda: transport.sent, "A not answered by the loss")
+    backend.handle(transport, {"id": "B", "method": "x", "params": {}}, route=rpc.Route(b"s"))
+    wait_for(lambda: any(m.get("id") == "B" for m in transport.sent), "B stranded")
+    assert [m for m in transport.sent if m.get("id") == "B"] == [{"id": "B", "result": {}}]
+    assert backend.stats()["in_flight"] == 0
