@@ -1266,6 +1266,7 @@ class CodexBackend(Backend):
         with self._lock:
             if session.connection is not connection:
                 return False  # lost meanwhile
+            self._touch(session)
             self._call(session, our_id, message, item.done, item.route, item.deadline)
             session.calls[our_id].fakes, session.calls[our_id].sent = fakes, outgoing
             if message["method"] == "initialize" and session.init_result is None:
@@ -1629,6 +1630,7 @@ class CodexBackend(Backend):
                     "closed, or asked of another session)", answer["id"])
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
+        self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
         session = connection.session
         call = retry = refused = None
         with self._lock:
@@ -2236,6 +2238,7 @@ class CodexProcess:
         self.argv = list(argv)
         self.max_size = max_size
         self.starts = 0
+        self.last_heard = 0.0  # when the running Codex last sent a session anything
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
         self._socket = ""
@@ -2273,11 +2276,16 @@ class CodexProcess:
                                         0.05, deadline - time.monotonic()), **direct), process
             except Exception as exc:  # not listening yet (OSError), a refused handshake
                 if process.poll() is None and time.monotonic() >= deadline:
+                    why = f"codex app-server did not take a connection on its socket within " \
+                          f"{self.START_TIMEOUT:g} s ({exc or type(exc).__name__})"
+                    if time.monotonic() - self.last_heard < self.START_TIMEOUT:
+                        # Slow, not wedged: it answers other sessions (a burst of new ones,
+                        # say), whose turns a kill would end.
+                        log.warning("%s; it answers other sessions, so it goes on", why)
+                        raise CodexUnavailable(why)
                     self._signal(process, signal.SIGKILL)
                     with self._lock:
-                        self._fail(f"codex app-server did not take a connection on its "
-                                   f"socket within {self.START_TIMEOUT:g} s "
-                                   f"({exc or type(exc).__name__}); stopped it")
+                        self._fail(f"{why}; stopped it")
                 if process.poll() is None:
                     time.sleep(0.02)
 
@@ -2321,6 +2329,7 @@ class CodexProcess:
             raise CodexUnavailable(f"cannot start codex app-server: {exc}") from None
         log.info("started codex app-server (pid %d) listening in %s", process.pid, directory)
         self.starts += 1
+        self.last_heard = 0.0
         self._process, self._socket = process, path
         watch = self._start_watcher(process.pid, directory)
         for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
