@@ -67,9 +67,20 @@ def pytest_sessionfinish(session, exitstatus):
 
 # --- broker and topics ---------------------------------------------------------
 
+# The broker of the integration tests: Tansu (default), or Apache Kafka itself with
+# TEST_BROKER=apache-kafka (scripts/test runs a subset on it; tests that start brokers of
+# their own, to pause or restart them, use Tansu).
+TEST_BROKER = os.environ.get("TEST_BROKER", "tansu")
+# Tests only Apache Kafka can run (Tansu cannot describe groups): not collected on Tansu.
+collect_ignore = ["test_apache_kafka.py"] if TEST_BROKER != "apache-kafka" else []
+
+
 @pytest.fixture(scope="session")
 def broker():
-    started = local_broker.start_broker(0)
+    if TEST_BROKER not in ("tansu", "apache-kafka"):
+        pytest.fail(f"TEST_BROKER={TEST_BROKER!r}: tansu or apache-kafka", pytrace=False)
+    started = local_broker.start_apache_kafka(0) if TEST_BROKER == "apache-kafka" \
+        else local_broker.start_broker(0)
     yield started
     local_broker.stop_broker(started)
 

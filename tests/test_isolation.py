@@ -16,7 +16,8 @@ def test_the_servers_own_topics_are_never_reply_topics(broker, codex_server):
     chosen id in the session topic would replace that session's saved state for good."""
     topics = Topics(broker.bootstrap)
     store, dead, stats = (topics.input + suffix for suffix in (".sessions", ".dlq", ".stats"))
-    local_broker.create_topics(broker.bootstrap, [store, dead, stats])
+    local_broker.create_topics(broker.bootstrap, [dead, stats])
+    local_broker.create_topics(broker.bootstrap, [store], configs={"cleanup.policy": "compact"})
     server = codex_server(topics, "--kafka-session-topic", store, "--kafka-dead-letter-topic",
                           dead, "--stats-topic", stats, "-X", "statistics.interval.ms=600000",
                           "--kafka-reply-topic-pattern", ".*")
