@@ -936,6 +936,7 @@ class KafkaTransport:
         self._consumer: Any = None
         self._producer: Any = None
         self._fatal_errors: Tuple[type, ...] = ()
+        self._denied_errors: Tuple[type, ...] = ()  # the ACLs refuse a write
         self._permanent_errors: Tuple[type, ...] = ()
         self._producer_broken: Optional[str] = None  # why the producer must be replaced
         self._producer_failing_since: Optional[float] = None  # no acknowledgement since then
@@ -952,6 +953,7 @@ class KafkaTransport:
         # reply topic -> (until when known, its partitions or why it has none)
         self._reply_topics: Dict[str, Tuple[float, Any]] = {}
         self._unroutable_log = LogThrottle()
+        self._denied_log = LogThrottle(burst=10, period=30.0)
         self._unacked = 0  # sends not yet acknowledged, retries included
         self._unacked_bytes = 0  # their values' size
         self._shutdown = threading.Event()
@@ -959,6 +961,7 @@ class KafkaTransport:
         self._close_deadline = 0.0
         self._closed = threading.Event()
         self.ready = threading.Event()  # set while the partitions and positions are known
+        self._was_ready = False  # ready once since start
         self.counts = collections.Counter(dict.fromkeys(  # since start
             ("received", "replied", "invalid", "dead_lettered", "send_retries"), 0))
         self._stats_topic_ok = False  # looked up once, when ready
@@ -1021,8 +1024,10 @@ class KafkaTransport:
         headers.extend(self._reply_to)
         topic = route.topic or self.output_topic
         lane = (topic, route.session if route.partition is None else route.partition)
-        self._produce(_Send(topic, key, value, headers or None, done, route.session,
-                            route.partition, lane, reply))
+        record = _Send(topic, key, value, headers or None, done, route.session, route.partition,
+                       lane, reply)
+        record.reply_id = message.get("id") if reply else None
+        self._produce(record)
 
     def owns(self, route: Route) -> bool:
         """Whether the record ``route`` came with is still this server's to answer: after its
@@ -1143,6 +1148,8 @@ class KafkaTransport:
         send.done()
 
     def _failed(self, send: "_Send", error: Any) -> None:
+        if isinstance(error, self._denied_errors) and not self._denied(send, error):
+            return
         if isinstance(error, self._permanent_errors):
             # Sending it again cannot work: give it up, or its offset would never commit.
             log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
@@ -1164,6 +1171,38 @@ class KafkaTransport:
             lane = self._held.setdefault(send.lane, [])
             if send not in lane:  # (a retry that failed again is still in it)
                 bisect.insort(lane, send)
+
+    def _denied(self, send: "_Send", error: Any) -> bool:
+        """The brokers' ACLs refuse the write: to the server's own topics it is retried, with
+        an ERROR naming the grant (nothing is lost: its offset waits; True); a reply to a
+        client's reply topic becomes an error reply to the output topic instead, in the
+        session's place there (False); anything else is given up (False)."""
+        if send.topic == self.output_topic or send.topic in self._own_topics:
+            principal = self._producer_config.get("sasl_plain_username") or "NAME"
+            self._denied_log.warning(
+                log, "the brokers' ACLs do not let this server write topic %s (%s): replies "
+                "wait, and their requests stay uncommitted; grant it with: kafka-acls.sh "
+                "--bootstrap-server HOST:PORT --add --allow-principal User:%s --operation "
+                "Write --operation Describe --topic %s", send.topic, error, principal,
+                send.topic)
+            return True
+        if send.reply and send.reply_id is not None:
+            message = error_response(send.reply_id, INVALID_REQUEST, f"reply topic {send.topic} "
+                                     "may not be written by this server (the brokers' ACLs)")
+            log.warning("session %s: reply topic %s: %s; the reply goes to %s as an error",
+                        _shown(send.session), send.topic, error, self.output_topic)
+            value = encode(message)
+            with self._lock:
+                self._unacked_bytes += len(value) - len(send.value)
+                send.topic, send.value, send.partition = self.output_topic, value, None
+                send.lane, send.due = (self.output_topic, send.session), 0.0
+                bisect.insort(self._held.setdefault(send.lane, []), send)
+            return False
+        log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
+                  error)
+        send.reply = False
+        self._acknowledged(send)
+        return False
 
     def _why_fatal(self, error: Any, producer: Any) -> Optional[str]:
         """Why ``producer`` is beyond recovery, or None: a fatal error class, kafka-python's
@@ -1250,8 +1289,9 @@ class KafkaTransport:
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
             if hasattr(errors, name))
         self._permanent_errors = (ValueError, TypeError) + tuple(getattr(errors, name) for name in (
-            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError",
-            "TopicAuthorizationFailedError") if hasattr(errors, name))
+            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
+            if hasattr(errors, name))
+        self._denied_errors = (errors.TopicAuthorizationFailedError,)
         if importlib.util.find_spec("crc32c") is None:
             log.info("crc32c is not installed: kafka-python checksums each record in pure "
                      "Python, about 10 ms of CPU per 100 KB (pip install crc32c, or the "
@@ -1390,6 +1430,11 @@ class KafkaTransport:
             try:
                 # Never sleep between polls: kafka-python completes group joins inside poll().
                 batches = consumer.poll(timeout_ms=self._poll_ms)
+            except (errors.GroupAuthorizationFailedError,
+                    errors.TopicAuthorizationFailedError) as exc:
+                self._not_authorized(exc)
+                self._shutdown.wait(0.5)
+                continue
             except errors.KafkaError as exc:
                 log.warning("kafka poll failed: %s", exc)
                 self._shutdown.wait(0.5)
@@ -1414,6 +1459,23 @@ class KafkaTransport:
                     self._take(partition, record, done)
             self._offer_backlog()
             self._commit()
+
+    def _not_authorized(self, error: Any) -> None:
+        """The brokers' ACLs refuse this server its group or its input topic: before it was
+        ever ready, exit 3 naming what is missing and the line that grants it; later (an ACL
+        revoked), an ERROR each time, and it keeps trying."""
+        errors = _import_kafka().errors
+        group = isinstance(error, errors.GroupAuthorizationFailedError)
+        what = f"--group {self._consumer_config['group_id']}" if group \
+            else f"--topic {self.input_topic}"
+        principal = self._consumer_config.get("sasl_plain_username") or "NAME"
+        text = (f"the brokers' ACLs do not let this server read {what[2:]} ({error}): grant "
+                f"it with: kafka-acls.sh --bootstrap-server HOST:PORT --add --allow-principal "
+                f"User:{principal} --operation Read{'' if group else ' --operation Describe'} "
+                f"{what}")
+        if not self._was_ready:
+            raise FatalKafkaError(text)
+        self._invalid_log.warning(log, "%s", text)
 
     def _look(self, consumer: Any) -> None:
         """Positions and lag for stats(): read here, the one thread the consumer allows."""
@@ -1558,6 +1620,7 @@ class KafkaTransport:
         # position() resolves the committed or reset offset now, so under "latest" a
         # record produced after the ready line is never skipped.
         positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
+        self._was_ready = True
         log.info("kafka transport ready: topic %s partitions %s", self.input_topic,
                  ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
         self.ready.set()
@@ -1644,7 +1707,7 @@ class _Send:
     """One record to produce, with what to call once the broker has it."""
 
     __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
-                 "reply", "attempt", "due", "seq", "producer")
+                 "reply", "attempt", "due", "seq", "producer", "reply_id")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done,
@@ -1659,6 +1722,7 @@ class _Send:
         self.partition = partition  # None: the session's (or, without a lane, the key's)
         self.lane = lane  # what it keeps its order within; None: kafka-python partitions it
         self.reply = reply  # answers a request (counted as replied once acknowledged)
+        self.reply_id: Any = None  # the id of the request it answers (a reply's)
         self.attempt = 0
         self.due = 0.0
         self.seq = 0

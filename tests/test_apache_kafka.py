@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from typing import Any
+from typing import Any, List, Tuple
 
 import pytest
 
@@ -114,3 +114,112 @@ def test_a_wrong_sasl_password_is_exit_3_naming_the_cause(broker, topics, start_
     assert server.process.wait(60) == 3, server.log
     assert f"SASL {mechanism} login as 'alice' failed" in server.log, server.log
     assert wrong not in server.log and local_broker.SASL_PASSWORD not in server.log
+
+
+# --- ACLs: what section 4 of the reference tells operators to grant ---------------
+
+def acls(bootstrap: str, grants: List[Tuple[str, str, str]], revoke: bool = False) -> None:
+    """Grant (or revoke) User:bob each (operation, resource type, name)."""
+    from kafka.admin import (ACL, ACLFilter, ACLOperation, ACLPermissionType,
+                             ACLResourcePatternType, KafkaAdminClient, ResourcePattern,
+                             ResourcePatternFilter, ResourceType)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        for operation, kind, name in grants:
+            args = (f"User:{local_broker.ACL_USER}", "*", ACLOperation[operation],
+                    ACLPermissionType.ALLOW)
+            if revoke:
+                admin.delete_acls([ACLFilter(*args, ResourcePatternFilter(
+                    ResourceType[kind], name, ACLResourcePatternType.LITERAL))])
+            else:
+                admin.create_acls([ACL(*args, ResourcePattern(ResourceType[kind], name))])
+    finally:
+        admin.close()
+
+
+def documented(topics: Any) -> List[Tuple[str, str, str]]:
+    """The minimum docs/kafka.md, section 4, names for the server."""
+    return [("READ", "TOPIC", topics.input), ("DESCRIBE", "TOPIC", topics.input),
+            ("READ", "GROUP", topics.group), ("WRITE", "TOPIC", topics.output),
+            ("DESCRIBE", "TOPIC", topics.output)]
+
+
+def bob_server(broker, topics, start_server, *extra: str) -> Any:
+    args = topics.server_args(*BUILTIN, "--kafka-connect-timeout", "10", *extra)
+    args[args.index("--kafka-bootstrap-servers") + 1] = broker.sasl_bootstrap
+    for key, value in (("security.protocol", "SASL_PLAINTEXT"), ("sasl.mechanism", "PLAIN"),
+                       ("sasl.username", local_broker.ACL_USER),
+                       ("sasl.password", local_broker.SASL_PASSWORD)):
+        args += ["-X", f"{key}={value}"]
+    return start_server(args)
+
+
+def test_the_documented_acls_are_all_a_server_needs(broker, topics, start_server):
+    acls(broker.bootstrap, documented(topics))
+    server = bob_server(broker, topics, start_server).wait_ready(60)
+    client = KafkaClient(topics)
+    try:
+        client.send({"jsonrpc": "2.0", "id": "acl", "method": "noop", "params": {}})
+        assert client.reply("acl", timeout=30)[1]["result"] == {}
+    finally:
+        client.close()
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("missing, named", [
+    (("READ", "GROUP"), "read group {group}"), (("READ", "TOPIC"), "read topic {input}")])
+def test_a_missing_read_acl_is_exit_3_with_the_line_that_grants_it(
+        broker, topics, start_server, missing, named):
+    acls(broker.bootstrap, [grant for grant in documented(topics) if grant[:2] != missing
+                            or grant[2] == topics.output])
+    server = bob_server(broker, topics, start_server)
+    assert server.process.wait(60) == 3, server.log
+    what = named.format(group=topics.group, input=topics.input)
+    assert f"the brokers' ACLs do not let this server {what}" in server.log, server.log
+    kind = "--group " + topics.group if missing[1] == "GROUP" else "--topic " + topics.input
+    assert f"--allow-principal User:bob --operation Read" in server.log
+    assert kind in server.log.split("grant it with:")[-1], server.log
+
+
+def test_a_missing_write_acl_loses_nothing_and_replies_flow_once_granted(
+        broker, topics, start_server):
+    grants = documented(topics)
+    acls(broker.bootstrap, [grant for grant in grants if grant[0] != "WRITE"])
+    server = bob_server(broker, topics, start_server).wait_ready(60)
+    client = KafkaClient(topics)
+    try:
+        for n in range(5):
+            client.send({"jsonrpc": "2.0", "id": n, "method": "noop", "params": {}})
+        server.wait_for_log(f"do not let this server write topic {topics.output}", timeout=30)
+        assert client.quiet(2.0) == []
+        acls(broker.bootstrap, [("WRITE", "TOPIC", topics.output)])
+        for n in range(5):  # every one answered, once
+            assert client.reply(n, timeout=60)[1]["result"] == {}
+        assert sorted(v["id"] for _, v in client.seen) == list(range(5))
+    finally:
+        client.close()
+    assert server.stop() == 0
+    assert "dropping kafka message" not in server.log
+
+
+def test_a_reply_topic_the_server_may_not_write_gets_an_error_on_the_output_topic(
+        broker, topics, start_server):
+    replies = topics.input + ".replies"
+    local_broker.create_topics(broker.bootstrap, [replies])
+    acls(broker.bootstrap, documented(topics) + [("DESCRIBE", "TOPIC", replies)])
+    server = bob_server(broker, topics, start_server).wait_ready(60)
+    client = KafkaClient(topics, every_session=True)
+    try:
+        client.producer.send(topics.input, key=b"s", value=json.dumps(
+            {"id": "denied", "method": "noop"}).encode(), headers=[
+            ("kafka_replyTopic", replies.encode()), ("kafka_correlationId", b"c-1")])
+        client.send({"id": "other", "method": "noop"}, key=b"t")
+        assert client.reply("other", timeout=30)[1]["result"] == {}  # others unaffected
+        _, reply = client.reply("denied", timeout=30)
+        assert reply["error"]["code"] == -32600, reply
+        assert f"reply topic {replies} may not be written" in reply["error"]["message"]
+        headers = client.headers[[v.get("id") for _, v in client.seen].index("denied")]
+        assert ("kafka_correlationId", b"c-1") in headers, headers
+    finally:
+        client.close()
+    assert server.stop() == 0
