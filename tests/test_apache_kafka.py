@@ -69,13 +69,13 @@ def test_kafka_console_consumer_reads_the_reply_keyed_by_id(topics, start_server
 
 
 def sasl_server(broker, topics, start_server, how: str, mechanism: str, password: str,
-                tmp_path) -> Any:
-    """The server on the broker's SASL listener, its login given ``how``: flags-free, by
-    -X, a properties file, or the reference's environment variables."""
-    args = topics.server_args(*BUILTIN)
+                tmp_path: Any = None, user: str = local_broker.SASL_USER, *extra: str) -> Any:
+    """The server on the broker's SASL listener, its login given ``how``: by -X, a
+    properties file, or the reference's environment variables."""
+    args = topics.server_args(*BUILTIN, *extra)
     args[args.index("--kafka-bootstrap-servers") + 1] = broker.sasl_bootstrap
     settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": mechanism,
-                "sasl.username": local_broker.SASL_USER, "sasl.password": password}
+                "sasl.username": user, "sasl.password": password}
     env = dict(os.environ)
     if how == "-X":
         for key, value in settings.items():
@@ -85,7 +85,7 @@ def sasl_server(broker, topics, start_server, how: str, mechanism: str, password
         path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
         args += ["--kafka-config", str(path)]
     else:  # the reference's environment variables; the protocol is inferred
-        env.update(KAFKA_SASL_MECHANISM=mechanism, KAFKA_SASL_USERNAME=local_broker.SASL_USER,
+        env.update(KAFKA_SASL_MECHANISM=mechanism, KAFKA_SASL_USERNAME=user,
                    KAFKA_SASL_PASSWORD=password)
     return start_server(args, env=env)
 
@@ -144,14 +144,10 @@ def documented(topics: Any) -> List[Tuple[str, str, str]]:
             ("DESCRIBE", "TOPIC", topics.output)]
 
 
-def bob_server(broker, topics, start_server, *extra: str) -> Any:
-    args = topics.server_args(*BUILTIN, "--kafka-connect-timeout", "10", *extra)
-    args[args.index("--kafka-bootstrap-servers") + 1] = broker.sasl_bootstrap
-    for key, value in (("security.protocol", "SASL_PLAINTEXT"), ("sasl.mechanism", "PLAIN"),
-                       ("sasl.username", local_broker.ACL_USER),
-                       ("sasl.password", local_broker.SASL_PASSWORD)):
-        args += ["-X", f"{key}={value}"]
-    return start_server(args)
+def bob_server(broker, topics, start_server) -> Any:
+    """The server as bob, who has only what ACLs grant."""
+    return sasl_server(broker, topics, start_server, "-X", "PLAIN", local_broker.SASL_PASSWORD,
+                       None, local_broker.ACL_USER, "--kafka-connect-timeout", "10")
 
 
 def test_the_documented_acls_are_all_a_server_needs(broker, topics, start_server):
