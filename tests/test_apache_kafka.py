@@ -68,6 +68,16 @@ def test_kafka_console_consumer_reads_the_reply_keyed_by_id(topics, start_server
     assert key == "smoke" and json.loads(value)["result"] == {}, out
 
 
+def assert_answered(topics: Any, msg_id: str) -> None:
+    """A noop round trip through the server, from a client on the PLAINTEXT listener."""
+    client = KafkaClient(topics)
+    try:
+        client.send({"jsonrpc": "2.0", "id": msg_id, "method": "noop", "params": {}})
+        assert client.reply(msg_id, timeout=30)[1]["result"] == {}
+    finally:
+        client.close()
+
+
 def sasl_server(broker, topics, start_server, how: str, mechanism: str, password: str,
                 tmp_path: Any = None, user: str = local_broker.SASL_USER, *extra: str) -> Any:
     """The server on the broker's SASL listener, its login given ``how``: by -X, a
@@ -96,12 +106,7 @@ def test_a_sasl_login_succeeds_and_its_password_is_never_shown(broker, topics, s
                                                                tmp_path, mechanism, how):
     server = sasl_server(broker, topics, start_server, how, mechanism,
                          local_broker.SASL_PASSWORD, tmp_path).wait_ready()
-    client = KafkaClient(topics)  # on the PLAINTEXT listener of the same broker
-    try:
-        client.send({"jsonrpc": "2.0", "id": "sasl", "method": "noop", "params": {}})
-        assert client.reply("sasl", timeout=30)[1]["result"] == {}
-    finally:
-        client.close()
+    assert_answered(topics, "sasl")
     assert server.stop() == 0
     assert local_broker.SASL_PASSWORD not in server.log and "sasl.password=***" in server.log
 
@@ -153,12 +158,7 @@ def bob_server(broker, topics, start_server) -> Any:
 def test_the_documented_acls_are_all_a_server_needs(broker, topics, start_server):
     acls(broker.bootstrap, documented(topics))
     server = bob_server(broker, topics, start_server).wait_ready(60)
-    client = KafkaClient(topics)
-    try:
-        client.send({"jsonrpc": "2.0", "id": "acl", "method": "noop", "params": {}})
-        assert client.reply("acl", timeout=30)[1]["result"] == {}
-    finally:
-        client.close()
+    assert_answered(topics, "acl")
     assert server.stop() == 0
 
 
