@@ -1197,23 +1197,27 @@ class CodexBackend(Backend):
         with self._lock:  # the processor sets these right after starting this thread
             while session.waiting is None:
                 self._lock.wait(0.01)
+        in_hand: List[Waiting] = []  # taken from what waits, not yet sent or refused
         try:
-            self._drain(session)
+            self._drain(session, in_hand)
         except Exception:
             log.exception("internal error connecting session %s to codex",
                           _session_name(session.key))
             with self._lock:
-                left, session.waiting = list(session.waiting or ()), None
-                self._held -= len(left)
+                left, session.waiting = in_hand + list(session.waiting or ()), None
+                self._held -= len(left) - len(in_hand)
                 self._connecting.discard(session)
+                if session.connection is None:
+                    self._open.pop(session, None)  # (admitted, never connected)
                 self._lock.notify_all()
             for item in left:
                 self._refuse(session, item, (rpc.INTERNAL_ERROR, "internal error in "
                                              "codex-app-server (see its log)"))
 
-    def _drain(self, session: "Session") -> None:
+    def _drain(self, session: "Session", in_hand: List["Waiting"]) -> None:
         connection, failure = self._open_connection(session)
         while True:
+            in_hand.clear()
             with self._lock:
                 failure = self._ending(session) or failure
                 if not session.waiting:
@@ -1222,6 +1226,7 @@ class CodexBackend(Backend):
                     self._lock.notify_all()
                     return
                 item = session.waiting.popleft()
+                in_hand.append(item)
                 self._held -= 1
                 self._lock.notify_all()
             if failure is not None:
@@ -1236,6 +1241,7 @@ class CodexBackend(Backend):
                     with self._lock:
                         session.waiting.appendleft(item)
                         self._held += 1
+                    in_hand.clear()
                     connection, failure = self._open_connection(session)
 
     def _deliver(self, session: "Session", connection: "CodexConnection",
@@ -1630,12 +1636,13 @@ class CodexBackend(Backend):
                     "closed, or asked of another session)", answer["id"])
 
     def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
-        self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
         session = connection.session
         call = retry = refused = None
         with self._lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
+            if connection.process is self._codex.process:
+                self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
             wait_for_save = False
             if "id" in message:  # not a notification: some are broadcast to every session
                 self._touch(session)
@@ -2245,6 +2252,11 @@ class CodexProcess:
         self._ended: Optional[threading.Thread] = None  # tidies up after the process
         self._stopping = False
         self._failure, self._failed_until = "", 0.0
+
+    @property
+    def process(self) -> Optional[subprocess.Popen]:
+        """The Codex process running now (or last), None before the first start."""
+        return self._process
 
     def connect(self) -> Tuple[Any, subprocess.Popen]:
         """A new WebSocket connection to Codex (started when it is not running), and the

@@ -341,11 +341,13 @@ class LogThrottle:
             held, self._held = self._held, 0
             return True, held
 
-    def warning(self, logger: logging.Logger, text: str, *args: Any) -> None:
-        """``logger.warning(text, *args)`` within the budget, with the count held back."""
+    def warning(self, logger: logging.Logger, text: str, *args: Any,
+                level: int = logging.WARNING) -> None:
+        """``logger.log(level, text, *args)`` within the budget, with the count held back."""
         allowed, held = self.allow()
         if allowed:
-            logger.warning(text + (f" ({held} more like it not logged)" if held else ""), *args)
+            logger.log(level, text + (f" ({held} more like it not logged)" if held else ""),
+                       *args)
 
 
 # --- routes -----------------------------------------------------------------
@@ -1140,6 +1142,9 @@ class KafkaTransport:
 
     def _acknowledged(self, send: "_Send") -> None:
         with self._lock:
+            if send.finished:
+                return  # (given up once already: its done has run)
+            send.finished = True
             self._unacked -= 1
             self._unacked_bytes -= len(send.value or b"")
             self.counts["replied"] += send.reply
@@ -1184,7 +1189,7 @@ class KafkaTransport:
                 "wait, and their requests stay uncommitted; grant it with: kafka-acls.sh "
                 "--bootstrap-server HOST:PORT --add --allow-principal User:%s --operation "
                 "Write --operation Describe --topic %s", send.topic, error, principal,
-                send.topic)
+                send.topic, level=logging.ERROR)
             return True
         if send.reply and send.reply_id is not None:
             message = error_response(send.reply_id, INVALID_REQUEST, f"reply topic {send.topic} "
@@ -1237,14 +1242,14 @@ class KafkaTransport:
                 with self._lock:
                     send = self._held[lane][0]
                 attempt = send.attempt
-                if not self._produce(send, first=False):
-                    break
+                handed = self._produce(send, first=False)
                 with self._lock:
                     sends = self._held[lane]
-                    if send.attempt != attempt:
-                        break  # failed already (its future may fail at once): stays first
-                    if sends[0] is send:
-                        sends.pop(0)
+                    gone = send.finished or send.lane != lane  # given up, or now an error
+                    if not gone and (not handed or send.attempt != attempt):
+                        break  # failed again (its future may fail at once): stays first
+                    # By identity: an earlier send may have been put in front meanwhile.
+                    sends[:] = [held for held in sends if held is not send]
                     if not sends:
                         del self._held[lane]
                         break
@@ -1475,7 +1480,7 @@ class KafkaTransport:
                 f"{what}")
         if not self._was_ready:
             raise FatalKafkaError(text)
-        self._invalid_log.warning(log, "%s", text)
+        self._denied_log.warning(log, "%s", text, level=logging.ERROR)
 
     def _look(self, consumer: Any) -> None:
         """Positions and lag for stats(): read here, the one thread the consumer allows."""
@@ -1707,7 +1712,7 @@ class _Send:
     """One record to produce, with what to call once the broker has it."""
 
     __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
-                 "reply", "attempt", "due", "seq", "producer", "reply_id")
+                 "reply", "attempt", "due", "seq", "producer", "reply_id", "finished")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done,
@@ -1723,6 +1728,7 @@ class _Send:
         self.lane = lane  # what it keeps its order within; None: kafka-python partitions it
         self.reply = reply  # answers a request (counted as replied once acknowledged)
         self.reply_id: Any = None  # the id of the request it answers (a reply's)
+        self.finished = False  # acknowledged, or given up: done has run
         self.attempt = 0
         self.due = 0.0
         self.seq = 0

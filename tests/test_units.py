@@ -731,6 +731,7 @@ class ScriptedCodex:
         self.answer = answer
         self.users = 0
         self.starts = 1
+        self.process = None  # (no process of its own)
         self.sockets = []
 
     def connect(self):
@@ -1101,3 +1102,61 @@ def test_an_overloaded_request_of_a_new_connection_is_sent_again():
     wait_for(lambda: any(m.get("id") == "B" for m in transport.sent), "B stranded")
     assert [m for m in transport.sent if m.get("id") == "B"] == [{"id": "B", "result": {}}]
     assert backend.stats()["in_flight"] == 0
+
+
+class DeniedProducer:
+    """A producer whose sends can fail once, and whose metadata of topic "rt" the ACLs can
+    deny (kafka-python raises that at once, from send's metadata wait)."""
+
+    class Future:
+        def __init__(self, error=None):
+            self.error, self.callbacks = error, []
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+        def add_errback(self, errback):
+            if self.error is not None:
+                errback(self.error)
+
+    def __init__(self):
+        self.deny, self.fail_next, self.sent = False, None, []
+
+    def partitions_for(self, topic):
+        from kafka import errors
+        if self.deny and topic == "rt":
+            raise errors.TopicAuthorizationFailedError({"rt"})
+        return {0, 1}
+
+    def send(self, topic, **kwargs):
+        future, self.fail_next = self.Future(self.fail_next), None
+        self.sent.append((topic, kwargs["value"], future))
+        return future
+
+
+@pytest.mark.parametrize("message", [{"id": 7, "result": {}}, {"method": "n", "params": {}}])
+def test_a_retry_the_acls_deny_is_settled_once(message):
+    """A reply held for a retry whose reply topic the ACLs then deny becomes one error reply
+    on the output topic; a notification is given up once; either way done runs once and
+    nothing stays held."""
+    from kafka import errors
+    transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
+                                                       "group.id": "g"})
+    transport._denied_errors = (errors.TopicAuthorizationFailedError,)
+    producer = transport._producer = DeniedProducer()
+    dones = []
+    producer.fail_next = errors.KafkaTimeoutError("slow")
+    transport.send(message, lambda: dones.append(1), rpc.Route(b"s", topic="rt"))
+    producer.deny = True
+    for _ in range(3):
+        for lane in transport._held.values():
+            for held in lane:
+                held.due = 0.0
+        transport._resend_failed(replace=False)
+    for topic, _, future in producer.sent[1:]:
+        assert topic == "out"
+        for callback in future.callbacks:
+            callback(None)
+    to_out = [value for topic, value, _ in producer.sent if topic == "out"]
+    assert len(to_out) == (1 if "id" in message else 0), to_out
+    assert dones == [1] and transport._unacked == 0 and transport._held == {}
