@@ -2,13 +2,14 @@
 Real broker; real Codex (mock model) for the threads, the builtin backend for the routes."""
 
 import json
+import subprocess
 import uuid
 from typing import Any, Dict
 
 from conftest import KafkaClient, Topics, local_broker, read_topic
 from test_codex import (  # noqa: F401 (fixtures)
-    CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model,
-    notification, request, text_input)
+    CLIENT_INFO, WAIT, StdioClient, codex_bin, codex_env, codex_home, codex_server, initialize,
+    mock_model, notification, request, text_input)
 import kafka_transport as rpc
 
 def test_the_servers_own_topics_are_never_reply_topics(broker, codex_server):
@@ -145,3 +146,22 @@ def test_shared_threads_gives_every_session_every_thread(codex_server, topics, m
     finally:
         alice.close()
         bob.close()
+
+
+def test_the_stdio_client_keeps_upstreams_view_of_every_thread(codex_server, topics,
+                                                              mock_model):
+    """Stdio is the local operator: it may read a Kafka session's thread, as with a plain
+    codex app-server; the Kafka session may not read the operator's."""
+    server = codex_server(topics, "--stdio", stdin=subprocess.PIPE)
+    operator = StdioClient(server)
+    alice = KafkaClient(topics, b"alice")
+    try:
+        initialize(alice, 1)
+        thread = request(alice, 2, "thread/start", {})["thread"]["id"]
+        operator.request(1, "initialize", {"clientInfo": CLIENT_INFO})
+        assert operator.request(2, "thread/read", {"threadId": thread})["thread"]["id"] == thread
+        own = operator.request(3, "thread/start", {})["thread"]["id"]
+        alice.send({"id": 3, "method": "thread/read", "params": {"threadId": own}})
+        assert "error" in alice.reply(3, WAIT)[1]
+    finally:
+        alice.close()
