@@ -964,6 +964,7 @@ class KafkaTransport:
         self._closed = threading.Event()
         self.ready = threading.Event()  # set while the partitions and positions are known
         self._was_ready = False  # ready once since start
+        self._looked_up = 0.0  # when the input topic's metadata was last fetched again
         self.counts = collections.Counter(dict.fromkeys(  # since start
             ("received", "replied", "invalid", "dead_lettered", "send_retries"), 0))
         self._stats_topic_ok = False  # looked up once, when ready
@@ -1453,8 +1454,12 @@ class KafkaTransport:
                     consumer.seek(partition, records[0].offset)
                 self._shutdown.wait(1.0)
                 continue
-            if not self.ready.is_set() and consumer.assignment():
+            assignment = consumer.assignment()
+            if not self.ready.is_set() and assignment:
                 self._announce_ready()
+            elif not assignment and self.ready.is_set() \
+                    and time.monotonic() - self._looked_up >= 2.0:
+                self._look_up_input(consumer)
             if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
                 self._look(consumer)
             for partition, records in batches.items():
@@ -1464,6 +1469,17 @@ class KafkaTransport:
                     self._take(partition, record, done)
             self._offer_backlog()
             self._commit()
+
+    def _look_up_input(self, consumer: Any) -> None:
+        """The input topic's metadata, fetched again while the group gave this server none of
+        it: a topic created just before the server joined is unknown to the assignment until
+        the client's metadata is renewed (every 5 minutes by default), and a renewal that
+        finds it makes the group rebalance."""
+        self._looked_up = time.monotonic()
+        try:
+            consumer.partitions_for_topic(self.input_topic)
+        except Exception as exc:  # the next look will do
+            log.debug("cannot look up topic %s: %r", self.input_topic, exc)
 
     def _not_authorized(self, error: Any) -> None:
         """The brokers' ACLs refuse this server its group or its input topic: before it was
@@ -1927,6 +1943,11 @@ def _rebalance_listener(kafka: Any, transport: KafkaTransport) -> Any:
                      ", ".join(f"{tp.topic}[{tp.partition}]" for tp in assigned) or "none")
             transport._partitions_assigned(assigned)
             if not assigned:  # joined, with nothing to read: as ready as it will be
+                # (Not "ready" in the log: no position is resolved, so what is produced now
+                # is not yet known to be read.)
+                log.info("kafka transport: no partition of topic %s assigned (more servers in "
+                         "the group than partitions, or the brokers did not know the topic "
+                         "yet: its metadata is looked up again)", transport.input_topic)
                 transport.ready.set()
 
     return RebalanceListener()

@@ -12,7 +12,7 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from conftest import KafkaClient, local_broker
+from conftest import KafkaClient, Topics, local_broker
 
 BUILTIN = ["--backend", "builtin"]
 
@@ -216,6 +216,24 @@ def test_a_reply_topic_the_server_may_not_write_gets_an_error_on_the_output_topi
         assert f"reply topic {replies} may not be written" in reply["error"]["message"]
         headers = client.headers[[v.get("id") for _, v in client.seen].index("denied")]
         assert ("kafka_correlationId", b"c-1") in headers, headers
+    finally:
+        client.close()
+    assert server.stop() == 0
+
+
+def test_an_input_topic_created_after_the_server_joined_is_read_at_once(broker, start_server):
+    """The group assigns nothing of a topic the brokers did not know at the join; the server
+    looks it up again rather than idling until its metadata's 5-minute renewal."""
+    topics = Topics(broker.bootstrap, create=False)
+    local_broker.create_topics(broker.bootstrap, [topics.output])
+    server = start_server(topics.server_args(*BUILTIN, "-X", "allow.auto.create.topics=false"))
+    server.wait_for_log("no partition of topic", timeout=60)
+    local_broker.create_topics(broker.bootstrap, [topics.input])
+    server.wait_ready(60)  # its partition assigned, its position resolved
+    client = KafkaClient(topics)
+    try:
+        client.send({"jsonrpc": "2.0", "id": "late", "method": "noop", "params": {}})
+        assert client.reply("late", timeout=60)[1]["result"] == {}
     finally:
         client.close()
     assert server.stop() == 0
