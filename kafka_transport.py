@@ -1362,7 +1362,7 @@ class KafkaTransport:
         if not partitions:
             raise FatalKafkaError(f"topic {self.input_topic} does not exist")
         partition = kafka.TopicPartition(self.input_topic,
-                                         _murmur2(self.session) % len(partitions))
+                                         partition_of(self.session, len(partitions)))
         self._consumer.assign([partition])
         self._consumer.seek_to_end(partition)
         log.info("kafka consumer reading %s partition %d for session %s", self.input_topic,
@@ -1858,13 +1858,15 @@ def _session_partition(producer: Any, topic: str, session: Optional[bytes]) -> i
     partitions = producer.partitions_for(topic)  # kept fresh by kafka-python's metadata
     if not partitions:
         raise LookupError(f"no partitions known for {topic}")
-    return _murmur2(session) % len(partitions)
+    return partition_of(session, len(partitions))
 
 
 @functools.lru_cache(maxsize=10000)  # a session sends many records; murmur2 is pure Python
-def _murmur2(key: bytes) -> int:
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of ``partitions`` that Java's and kafka-python's default partitioner
+    pick for ``key`` (murmur2): where a client finds its session's records."""
     from kafka.partitioner.default import murmur2
-    return murmur2(key) & 0x7FFFFFFF
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def after(count: int, done: Done) -> Done:
