@@ -4,19 +4,31 @@ Run ``python codex_app_server.py --help`` (``... proxy --help`` for the proxy). 
 needs only the standard library; the Kafka transport (``kafka_transport.py``, next to
 this file) needs kafka-python, imported only when a Kafka flag is given.
 
-Shape, after CPython's socketserver: each transport runs a blocking loop in its
-own thread and pushes (transport, message, done, route) into one queue; the
-``Processor`` hands each message to the server's one backend, whose output goes
-straight back to the transport with the route it came with.  A shutdown Event stops
-intake, the processor drains, the backend finishes, then transports flush, commit and
-close.
+Shape, after CPython's socketserver: each transport runs a blocking loop in its own thread
+(``serve_forever``; ``shutdown`` from another).  Kafka's and stdio's requests go into the
+``Processor``'s one bounded queue (Kafka keeps what does not fit in its own backlog and
+pauses); clients' answers to Codex's requests skip the queue (``Processor.answer``), since
+Codex may hold the very requests that fill it until it has them.  The processor thread
+hands each message to the server's one backend; the Codex backend passes it on to its
+session's connection (opened by a connector thread of the session's own) and each
+connection's reader thread sends what Codex answers straight back to the transport, with
+the route the request came with.  A shutdown Event stops intake, the processor drains,
+the backend finishes, then the transports flush, commit and close.
 
-Sections: command line (the server's flags, and the proxy's); server (``Server`` with
-its statistics line, ``SystemdNotifier``, ``Processor``, ``MethodPolicy``); stdio
-(``StdioTransport``, ``LineReader``); backends: ``BuiltinBackend``, ``Proxy`` (stdio to
-a server through Kafka), and the Codex backend: ``CodexBackend`` (every client's
-``Session``, bounded, each with its own ``CodexConnection``, a WebSocket) and one
-``CodexProcess`` (``codex app-server --listen unix://``).
+Sections, in reading order: command line (the server's flags, and the proxy's); server
+(``Server`` with its statistics line, ``SystemdNotifier``, ``Processor``,
+``MethodPolicy``); stdio (``StdioTransport``, ``LineReader``); backends:
+``BuiltinBackend``, ``Proxy`` (stdio to a server through Kafka), and the Codex backend:
+``CodexBackend`` (the routing of calls) with its collaborators ``SessionCloser``,
+``OverloadRetry``, ``Connector``, ``SessionTable``, ``ServerRequests``; every client's
+``Session``, its ``CodexConnection`` (a WebSocket), and the one ``CodexProcess`` (``codex
+app-server --listen unix://``).
+
+A Kafka request's path: ``Processor.serve_forever`` -> ``CodexBackend.handle`` (its
+``Session`` from the ``SessionTable``) -> ``_offer`` -> ``deliver`` (a ``Call`` under an id
+of the connection's) -> ``CodexConnection.send``; Codex's reply -> the connection's reader
+-> ``CodexBackend.from_codex`` (the client's id back; the session's state saved when it
+changed) -> ``transport.send(reply, done, route)``.
 """
 
 import argparse
@@ -236,8 +248,9 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
                              "'account/*' (repeatable; wins over --allow-method): a request "
                              "gets -32601, a notification is dropped")
     parser.add_argument("--queue-size", metavar="N", type=_positive_int, default=1000,
-                        help="messages the processor queue holds; when full, Kafka partitions "
-                             "are paused and stdin is not read (default: 1000)")
+                        help="messages the processor queue holds, and with the Codex backend "
+                             "the requests in flight to Codex; when full, Kafka partitions are "
+                             "paused and stdin is not read (default: 1000)")
     parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=_seconds, default=30.0,
                         help="how long shutdown waits for in-flight work (default: 30)")
 
@@ -458,16 +471,21 @@ class Server:
         # The proxy reads what the server writes (or its own reply topic), and the reverse.
         reads, writes = (reply_topic or args.kafka_output_topic, args.kafka_input_topic) \
             if session else (args.kafka_input_topic, args.kafka_output_topic)
-        transport = rpc.KafkaTransport(
-            reads, writes, self.processor, args.kafka_properties,
-            max_message_bytes=args.kafka_max_message_bytes,
-            dead_letter_topic=getattr(args, "kafka_dead_letter_topic", None),
-            connect_timeout=args.kafka_connect_timeout,
-            max_input_bytes=self.max_message_bytes,
-            reply_topic_pattern=getattr(args, "kafka_reply_topic_pattern", None),
-            stats_topic=(args.stats_topic or "") if args.stats_interval else None,
-            session=session, reply_topic=reply_topic,
-            session_topic=getattr(args, "kafka_session_topic", None))
+        settings = dict(max_message_bytes=args.kafka_max_message_bytes,
+                        connect_timeout=args.kafka_connect_timeout,
+                        max_input_bytes=self.max_message_bytes)
+        if session:
+            transport: rpc.KafkaTransport = rpc.KafkaClientTransport(
+                reads, writes, self.processor, args.kafka_properties, session, reply_topic,
+                **settings)
+        else:
+            transport = rpc.KafkaTransport(
+                reads, writes, self.processor, args.kafka_properties,
+                dead_letter_topic=args.kafka_dead_letter_topic,
+                reply_topic_pattern=args.kafka_reply_topic_pattern,
+                stats_topic=(args.stats_topic or "") if args.stats_interval else None,
+                session_topic=args.kafka_session_topic, owner=self.processor.backend,
+                **settings)
         self.transports.append(transport)
         return transport
 
@@ -508,8 +526,7 @@ class Server:
         # The signal handler only sets a number: Event.set() there could deadlock against
         # this very thread inside Event.wait(), which holds the Event's lock.
         while not (self.shutdown_event.is_set() or self._signalled):
-            if not ready and all(transport.ready.is_set() for transport in self.transports
-                                 if hasattr(transport, "ready")):
+            if not ready and all(transport.ready.is_set() for transport in self.transports):
                 ready = True
                 systemd.notify("READY=1", f"STATUS=serving on {names}")
             # (The stdio loop ending is no fault: stdin closes, Kafka goes on.)
@@ -632,7 +649,7 @@ class SystemdNotifier:
             self.notify("WATCHDOG=1")
 
 
-class Processor:
+class Processor(rpc.Sink):
     """One bounded queue of (transport, message, done, route), each message to the backend.
 
     ``done`` is the transport's acknowledgement: a request's backend passes it
@@ -648,7 +665,7 @@ class Processor:
         self._policy = policy
         self._refused_log = rpc.LogThrottle()
         self._items: Deque[Tuple[Any, Message, rpc.Done, rpc.Route]] = collections.deque()
-        self._changed = threading.Condition()
+        self._changed = threading.Condition()  # guards the queue; never held while handling
         self._capacity = queue_size
         self._low_water = max(1, queue_size // 2)
         self._stopping = False
@@ -680,14 +697,6 @@ class Processor:
         requests that fill the queue (a turn waiting for its approval)."""
         self._handle(transport, message, done, route)
 
-    def settle(self, transport: Any, deadline: float) -> None:
-        """Kafka's, as a rebalance begins: what is in flight is answered, by ``deadline``."""
-        self.backend.settle(transport, deadline)
-
-    def revoked(self, transport: Any, partitions: Set[int]) -> None:
-        """Kafka's: these input partitions moved to another server (see ``_handle``)."""
-        self.backend.revoked(transport, partitions)
-
     def has_room(self) -> bool:
         """Below the low-water mark: a paused transport may resume."""
         return len(self._items) < self._low_water
@@ -713,7 +722,7 @@ class Processor:
         kind = rpc.kind(message)
         if not transport.owns(route):  # its partition moved: the new owner reads it again
             log.debug("skipping a %s of a partition this server no longer reads", kind)
-            self._call(done)
+            self._guarded(done)
             return
         if self._policy is not None and "method" in message \
                 and not self._policy.allows(message["method"]):
@@ -722,11 +731,11 @@ class Processor:
                                       "--allow-method/--deny-method", kind, method,
                                       message.get("id"))
             if kind == rpc.REQUEST:
-                self._call(transport.send, rpc.error_response(
+                self._guarded(transport.send, rpc.error_response(
                     message["id"], rpc.METHOD_NOT_FOUND,
                     f"method not allowed by this server: {method}"), done, route)
             else:
-                self._call(done)
+                self._guarded(done)
             return
         try:
             self.backend.handle(transport, message, done, route)
@@ -734,15 +743,15 @@ class Processor:
             log.exception("internal error handling a %s (method %s, id %r)", kind,
                           message.get("method"), message.get("id"))
             if kind == rpc.REQUEST:
-                self._call(transport.send, rpc.error_response(
+                self._guarded(transport.send, rpc.error_response(
                     message["id"], rpc.INTERNAL_ERROR, "internal error in codex-app-server "
                     "(see its log)"), done, route)
                 return
         if kind != rpc.REQUEST:
-            self._call(done)
+            self._guarded(done)
 
     @staticmethod
-    def _call(function: Callable[..., None], *args: Any) -> None:
+    def _guarded(function: Callable[..., None], *args: Any) -> None:
         try:
             function(*args)
         except Exception:  # the processor thread must outlive any one message
@@ -787,6 +796,7 @@ class StdioTransport:
     """
 
     name = "stdio"
+    store = None  # no session store: a stdio session lasts as long as its process
 
     def __init__(self, submit: Callable[[Any, Message], None], on_close: Callable[[str], None],
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, stdin_fd: int = 0,
@@ -799,9 +809,11 @@ class StdioTransport:
         self.max_message_bytes = max_message_bytes
         self._stdin_fd = stdin_fd
         self._stdout_fd = stdout_fd
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one line at a time on stdout
         self._shutdown = threading.Event()
         self._ended = threading.Event()
+        self.ready = threading.Event()  # (at once: nothing to connect to)
+        self.ready.set()
         self._stdout_gone = False
         self._invalid_log = rpc.LogThrottle()
 
@@ -947,8 +959,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # --- backends ---------------------------------------------------------------
 
-class Backend:
-    """What answers the messages of every transport: replies go to ``transport.send``."""
+class Backend(rpc.SessionOwner):
+    """What answers the messages of every transport: replies go to ``transport.send``.
+    As a Kafka transport's ``SessionOwner`` it hears of rebalances (``settle``,
+    ``revoked``)."""
 
     def handle(self, transport: Any, message: Message, done: rpc.Done,
                route: rpc.Route) -> None:
@@ -962,12 +976,6 @@ class Backend:
 
     def stopping(self, deadline: float) -> None:
         """Shutdown has begun: stop waiting for room by ``deadline``."""
-
-    def settle(self, transport: Any, deadline: float) -> None:
-        """A rebalance of ``transport`` begins: answer what is in flight by ``deadline``."""
-
-    def revoked(self, transport: Any, partitions: Set[int]) -> None:
-        """These input partitions of ``transport`` moved to another server."""
 
     def end(self, transport: Any, deadline: float) -> None:
         """``transport``'s client is gone (stdin closed): finish its work by ``deadline``."""
@@ -1025,7 +1033,7 @@ class Proxy(Backend):
         self._run = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
         self._waiting: Dict[str, Tuple[Any, float]] = {}  # ours -> (the client's id, deadline)
-        self._changed = threading.Condition()
+        self._changed = threading.Condition()  # guards _waiting
         self._dropped_log = rpc.LogThrottle()
         threading.Thread(target=self._expire, name="proxy-timeouts", daemon=True).start()
 
@@ -1083,45 +1091,38 @@ class Proxy(Backend):
 
 
 class CodexBackend(Backend):
-    """Every client's session, each with its own connection to the server's one Codex.
+    """Every client's session, each with its own connection to the server's one Codex:
+    the routing of calls between them.
 
     A session is one client of one transport: a Kafka record key (None: the default
     session), or stdio.  Its requests reach Codex under ids unique on its connection,
     restored on the reply.  Its ``initialize`` and the threads it loaded are replayed on
     a new connection (after Codex restarted, or the session was closed), so the client
-    carries on.  Codex's requests to a client (approvals) go out under ids unique for the
-    server's life, so a late answer never reaches a successor's request.  What Codex
-    sends a session unasked follows the reply topic and partition it last named.  A lost
-    connection fails the session's pending requests, withdraws Codex's open requests to
-    it and ends its running turns as failed.
+    carries on.  What Codex sends a session unasked follows the reply topic and partition
+    it last named.  A lost connection fails the session's pending requests, withdraws
+    Codex's open requests to it and ends its running turns as failed.
 
-    At most ``max_sessions`` hold a connection: the least recently used idle one is
-    closed to make room.  A reaper thread closes those idle for ``idle_timeout`` and
-    fails the requests Codex has not answered in ``request_timeout`` (0: never).
-    """
+    Its collaborators: ``SessionTable`` (the sessions, who may hold a connection, what is
+    in flight, the reaper), ``Connector`` (a connection opened in a thread of its own),
+    ``ServerRequests`` (Codex's requests to clients, under ids of the server's own).
+
+    Locks: ``lock``, one Condition, guards every ``Session``, the ``SessionTable`` and the
+    ``ServerRequests``; nothing waits on a transport, a connection or Codex while holding
+    it.  ``Session.saving`` keeps one session's saves in order: taken before ``lock``
+    (never while holding it), and held while the transport saves."""
 
     def __init__(self, codex: "CodexProcess", max_sessions: int = 1000,
                  idle_timeout: float = 600.0, request_timeout: float = 0.0,
                  max_in_flight: int = 1000, shared_threads: bool = False):
         self._codex = codex
         self.shared_threads = shared_threads
-        self.max_sessions = max_sessions
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self._max_in_flight = max_in_flight
-        self._lock = threading.Condition()  # guards every session
-        self._in_flight = 0
-        self._held = 0  # messages waiting for a connection being opened
-        self._overloads = 0  # Codex's "retry later" answers, since start
-        self._connecting: Set["Session"] = set()  # sessions whose connector runs
-        self._sessions: "collections.OrderedDict[Tuple[Any, Optional[bytes]], Session]" = \
-            collections.OrderedDict()
-        self._open: "collections.OrderedDict[Session, None]" = \
-            collections.OrderedDict()  # holding a connection, least recently used first
-        self._asked: Dict[int, Tuple["Session", "CodexConnection", Any]] = {}  # ours -> Codex's
-        self._reaper: Optional[threading.Thread] = None
-        self._stop_deadline = float("inf")
-        self._closed = False
+        self.lock = threading.Condition()  # every Session and both tables (see above)
+        self.table = SessionTable(self.lock, max_sessions, idle_timeout, request_timeout,
+                                  max_in_flight)
+        self.requests = ServerRequests()
+        self._connector = Connector(self)
+        self._closer = SessionCloser(self)
+        self._retry = OverloadRetry(self.lock)
         self._ended: List[Any] = []  # transports whose client is gone (stdin closed)
 
     def handle(self, transport: Any, message: Message, done: rpc.Done = rpc.nothing,
@@ -1130,11 +1131,12 @@ class CodexBackend(Backend):
         if kind in (rpc.RESPONSE, rpc.ERROR):
             self._answer_codex(transport, route, message)
             return
-        session = self._session(transport, route)
+        confined = not self.shared_threads and transport.name != "stdio"
+        session = self.table.session_for(transport, route, confined)
         if kind == rpc.REQUEST and message["method"] == "initialize":
             # The same initialize again (a redelivered record) gets the saved result; one
             # with other parameters goes to Codex ("Already initialized").
-            with self._lock:
+            with self.lock:
                 result = session.init_result if message.get("params") == session.init_params \
                     else None
                 if result is None and session.connection is None and session.waiting is None:
@@ -1142,154 +1144,89 @@ class CodexBackend(Backend):
             if result is not None:
                 transport.send({"id": message["id"], "result": result}, done, route)
                 return
-        self._offer(session, Waiting(message, done, route, self._deadline() if
+        self._offer(session, Waiting(message, done, route, self.table.deadline() if
                                      kind == rpc.REQUEST else float("inf")))
 
     def _offer(self, session: "Session", item: "Waiting") -> None:
         """``item`` to the session's connection, in order: straight on when the session has
-        one, else behind what waits for the one a connector thread is opening (an opening
+        one, else behind what waits for the one its connector is opening (an opening
         Codex may take seconds: other sessions go on meanwhile)."""
-        with self._lock:
+        with self.lock:
             # Backpressure: a slow Codex holds the processor, so the queue fills and the
             # transports stop reading, instead of requests piling up here.
-            self._wait_for_room(self._held)
+            self.table.wait_for_room(with_held=True)
             connection = session.connection
             connected = session.waiting is None and connection is not None \
                 and not connection.lost
             ended = not connected and session.waiting is None and (
-                self._closed or session.transport in self._ended or session.cut)
+                self.table.closed or session.transport in self._ended or session.cut)
             if connected:
-                self._touch(session)
+                self.table.touch(session)
                 session.sending += 1  # not idle, not closed to make room, until it is sent
             elif not ended:
-                if session.waiting is None:
-                    try:  # (no state changed before the thread runs: it may not start)
-                        threading.Thread(target=self._connect, args=(session,), daemon=True,
-                                         name=f"connect-{_session_name(session.key)}").start()
-                    except RuntimeError as exc:
-                        log.error("session %s: cannot start its connector: %s",
-                                  _session_name(session.key), exc)
-                        ended = True
-                    else:
-                        session.waiting = collections.deque()
-                        self._connecting.add(session)
+                ended = session.waiting is None and not self._connector.start(session)
                 if not ended:
-                    session.waiting.append(item)
-                    self._held += 1
+                    self.table.hold(session, item)
                     return
         if ended:
-            self._refuse(session, item, (rpc.INTERNAL_ERROR, "codex-app-server is shutting "
-                                                             "down"))
+            self.refuse(session, item, (rpc.INTERNAL_ERROR, "codex-app-server is shutting "
+                                                            "down"))
             return
         try:
-            delivered = self._deliver(session, connection, item)
+            delivered = self.deliver(session, connection, item)
         finally:
-            with self._lock:
+            with self.lock:
                 session.sending -= 1
         if not delivered:
             item.retried = True  # once, on a new connection
             self._offer(session, item)
 
-    def _connect(self, session: "Session") -> None:
-        """The connector of a session without a connection: open one, then hand it what
-        waits, in order, until nothing does (later messages then go straight on).  Nothing
-        is left waiting when it ends, whatever fails."""
-        with self._lock:  # the processor sets these right after starting this thread
-            while session.waiting is None:
-                self._lock.wait(0.01)
-        in_hand: List[Waiting] = []  # taken from what waits, not yet sent or refused
-        try:
-            self._drain(session, in_hand)
-        except Exception:
-            log.exception("internal error connecting session %s to codex",
-                          _session_name(session.key))
-            with self._lock:
-                left, session.waiting = in_hand + list(session.waiting or ()), None
-                self._held -= len(left) - len(in_hand)
-                self._connecting.discard(session)
-                if session.connection is None:
-                    self._open.pop(session, None)  # (admitted, never connected)
-                self._lock.notify_all()
-            for item in left:
-                self._refuse(session, item, (rpc.INTERNAL_ERROR, "internal error in "
-                                             "codex-app-server (see its log)"))
-
-    def _drain(self, session: "Session", in_hand: List["Waiting"]) -> None:
-        connection, failure = self._open_connection(session)
-        while True:
-            in_hand.clear()
-            with self._lock:
-                failure = self._ending(session) or failure
-                if not session.waiting:
-                    session.waiting = None
-                    self._connecting.discard(session)
-                    self._lock.notify_all()
-                    return
-                item = session.waiting.popleft()
-                in_hand.append(item)
-                self._held -= 1
-                self._lock.notify_all()
-            if failure is not None:
-                self._refuse(session, item, failure)
-            elif not self._deliver(session, connection, item):
-                if item.retried:
-                    failure = (rpc.INTERNAL_ERROR, "codex app-server is not available: the "
-                               "connection to it closed before it could take the request")
-                    self._refuse(session, item, failure)
-                else:  # once more, on a new connection
-                    item.retried = True
-                    with self._lock:
-                        session.waiting.appendleft(item)
-                        self._held += 1
-                    in_hand.clear()
-                    connection, failure = self._open_connection(session)
-
-    def _deliver(self, session: "Session", connection: "CodexConnection",
-                 item: "Waiting") -> bool:
+    def deliver(self, session: "Session", connection: "CodexConnection",
+                item: "Waiting") -> bool:
         """Send ``item`` on ``connection``; False when the connection did not take it (then
         lost: the caller tries a new one)."""
         message = item.message
         if rpc.kind(message) != rpc.REQUEST:
             if message["method"] == "initialized":
-                with self._lock:
+                with self.lock:
                     session.initialized = session.changed = True
             connection.send(rpc.encode(message))
             self._save(session)
             return True
-        with self._lock:
-            self._wait_for_room()
+        with self.lock:
+            self.table.wait_for_room()
             our_id = session.new_id()
             outgoing, fakes = session.confine(message)
             code = rpc.INVALID_REQUEST
             if time.monotonic() >= item.deadline:  # waited for room that long: not sent
                 code, outgoing = rpc.INTERNAL_ERROR, \
-                    f"request timed out after {self.request_timeout:g} s"
+                    f"request timed out after {self.table.request_timeout:g} s"
         if isinstance(outgoing, str):  # not for this session, or too late: answered here
             session.transport.send(rpc.error_response(message["id"], code, outgoing),
                                    item.done, item.route)
             return True
         data = rpc.encode(dict(outgoing, id=our_id))  # before it is pending: may raise
-        with self._lock:
+        with self.lock:
             if session.connection is not connection:
                 return False  # lost meanwhile
-            self._touch(session)
-            self._call(session, our_id, message, item.done, item.route, item.deadline)
-            session.calls[our_id].fakes, session.calls[our_id].sent = fakes, outgoing
+            self.table.touch(session)
+            call = Call(message, item.done, item.route, item.deadline)
+            call.fakes, call.sent = fakes, outgoing
+            self.table.add_call(session, our_id, call)
             if message["method"] == "initialize" and session.init_result is None:
                 session.init_params = message.get("params")
         if connection.send(data):  # outside the lock: a full socket may block it
             return True
         # Not delivered: unless its loss has answered it already, take it back.  Its reader
         # may be stuck relaying to a slow client: tell the loss from here.
-        with self._lock:
-            if session.calls.pop(our_id, None) is None:
+        with self.lock:
+            if self.table.pop_call(session, our_id) is None:
                 return True
-            self._in_flight -= 1
-        self._connection_lost(connection, "it no longer takes messages")
+        self.connection_lost(connection, "it no longer takes messages")
         return False
 
-    def _refuse(self, session: "Session", item: "Waiting",
-                failure: Tuple[Optional[int], str]) -> None:
+    def refuse(self, session: "Session", item: "Waiting",
+               failure: Tuple[Optional[int], str]) -> None:
         """A message that cannot reach Codex: a request is answered with ``failure`` (code,
         text), a notification dropped with a WARNING; neither when the code is None (its
         session moved: the new owner reads it again)."""
@@ -1301,37 +1238,26 @@ class CodexBackend(Backend):
                                    item.done, item.route)
         else:
             log.warning("session %s: dropping a %s notification: %s",
-                        _session_name(session.key), item.message["method"][:200], text)
+                        rpc.session_name(session.key), item.message["method"][:200], text)
 
-    def _wait_for_room(self, held: int = 0) -> None:
-        """Under the lock: wait until fewer than the bound are in flight (and ``held``
-        waiting for a connection), or shutdown's deadline."""
-        while self._in_flight + held >= self._max_in_flight and not self._closed \
-                and time.monotonic() < self._stop_deadline:
-            self._lock.wait(min(1.0, max(0.01, self._stop_deadline - time.monotonic())))
-            held = self._held if held else 0
-
-    def _deadline(self) -> float:
-        """When a request sent now times out (--request-timeout)."""
-        return time.monotonic() + self.request_timeout if self.request_timeout \
-            else float("inf")
+    # What the server tells it ---------------------------------------------
 
     def stopping(self, deadline: float) -> None:
-        with self._lock:
-            self._stop_deadline = deadline
-            self._lock.notify_all()
+        with self.lock:
+            self.table.stop_deadline = deadline
+            self.lock.notify_all()
 
     def end(self, transport: Any, deadline: float) -> None:
-        with self._lock:
+        with self.lock:
             self._ended.append(transport)
-        self._finish(lambda session: session.transport is transport, deadline)
+        self._closer.close(lambda session: session.transport is transport, deadline)
 
     def settle(self, transport: Any, deadline: float) -> None:
-        with self._lock:  # (turns go on: a partition that stays keeps its sessions)
-            while any(session.calls or session.waiting for session in self._live()
+        with self.lock:  # (turns go on: a partition that stays keeps its sessions)
+            while any(session.calls or session.waiting for session in self.table.live()
                       if session.transport is transport and session.key is not None) \
                     and time.monotonic() < deadline:
-                self._lock.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+                self.lock.wait(max(0.0, min(0.1, deadline - time.monotonic())))
 
     def revoked(self, transport: Any, partitions: Set[int]) -> None:
         """The sessions last heard from on these input partitions are another server's now
@@ -1339,45 +1265,185 @@ class CodexBackend(Backend):
         are forgotten at once (their state is the session store's) and, in a thread of
         their own, running turns are interrupted and connections closed; what is left
         unanswered is not answered here, as the new owner reads it again."""
-        with self._lock:
-            moved = [session for (owner, key), session in self._sessions.items()
-                     if owner is transport and key is not None
-                     and session.source in partitions]
-            for session in moved:
-                session.moved = True  # saves no more
-                del self._sessions[session.transport, session.key]
+        with self.lock:
+            moved = self.table.forget_moved(transport, partitions)
         if moved:
-            threading.Thread(target=self._finish, args=(
+            threading.Thread(target=self._closer.close, args=(
                 lambda session: session.moved, time.monotonic() + 2.0,
                 "the session moved to another server", False), name="moved-sessions",
                 daemon=True).start()
 
     def close(self, deadline: float) -> None:
-        with self._lock:
-            self._closed = True
-        self._finish(lambda session: True, deadline, stop_codex=True)
+        with self.lock:
+            self.table.closed = True
+        self._closer.close(lambda session: True, deadline, stop_codex=True)
 
     def stats(self) -> Dict[str, int]:
-        with self._lock:
-            return {"sessions": len(self._open), "in_flight": self._in_flight,
-                    "codex_restarts": max(0, self._codex.starts - 1),
-                    "codex_overloaded": self._overloads}
+        with self.lock:
+            return dict(self.table.stats(), codex_restarts=max(0, self._codex.starts - 1),
+                        codex_overloaded=self._retry.count)
 
-    def _finish(self, which: Callable[["Session"], bool], deadline: float,
-                why: str = "codex-app-server is shutting down", answer: bool = True,
-                stop_codex: bool = False) -> None:
+    # Requests and replies --------------------------------------------------
+
+    def _save(self, session: "Session", done: rpc.Done = rpc.nothing) -> None:
+        """The session's state to its transport's session store, when it changed, then
+        ``done``; in order, as the saves of one session may come from two threads."""
+        store = session.transport.store
+        if not (session.changed and store is not None):
+            done()
+            return
+        with session.saving:
+            with self.lock:
+                session.changed = False
+                state = None if session.moved else session.state()
+            if state is None or state == store.load(session.key):
+                done()
+            else:
+                store.save(session.key, state, done)
+
+    def own_request(self, session: "Session", method: str, params: Any) -> bytes:
+        """Under the lock: a request of the server's own, encoded (no client waits on it)."""
+        our_id = session.new_id()
+        self.table.add_call(session, our_id, Call({"method": method, "params": params},
+                                                  rpc.nothing, rpc.DEFAULT_ROUTE,
+                                                  self.table.deadline()))
+        return rpc.encode({"id": our_id, "method": method, "params": params})
+
+    def _answer_codex(self, transport: Any, route: rpc.Route, answer: Message) -> None:
+        """A client's answer to one of Codex's requests goes to the connection that asked,
+        when it comes from the session that was asked."""
+        with self.lock:
+            asked = self.requests.answered(transport, route.session, answer["id"])
+            if asked is not None:
+                self.table.touch(asked.session)
+        if asked is not None and asked.connection.send(rpc.encode(dict(answer,
+                                                                      id=asked.codex_id))):
+            return
+        log.warning("dropping a client answer to codex request %r, which no connection to "
+                    "codex is waiting for (answered already, withdrawn, its connection "
+                    "closed, or asked of another session)", answer["id"])
+
+    def from_codex(self, connection: "CodexConnection", message: Message) -> None:
+        """What Codex sends on a session's connection (its reader thread): a reply to the
+        client that asked, Codex's request or notification to the session's route."""
+        session = connection.session
+        call = retry = refused = None
+        with self.lock:
+            if session.connection is not connection:
+                return  # closed or replaced: the session has heard of it
+            if connection.process is self._codex.process:
+                self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
+            if "id" in message:  # not a notification: some are broadcast to every session
+                self.table.touch(session)
+            if "method" in message and "id" in message and session.confined \
+                    and not session.may_see(message.get("params") or {}):
+                refused, message = message, None  # never relayed: not the session's thread
+            elif "method" in message:
+                message = self.requests.ask(session, connection, message) if "id" in message \
+                    else session.notified(message, self.requests)
+                route = session.route
+            else:
+                call, message = self._answered(session, message)
+                retry = call is not None and _overloaded(call, message)
+                if call is not None and not retry:
+                    session.backoff = 0.0  # Codex takes requests again
+                    self.table.pop_call(session, message["id"])
+                    session.answered(call.request, message)
+            wait_for_save = call is not None and not retry and session.changed
+        if wait_for_save:
+            # Its offset commits once the state it changed is saved too: after a crash, the
+            # request is read again rather than the session found without it.
+            call.done = rpc.after(2, call.done)
+            self._save(session, call.done)
+        else:
+            self._save(session)
+        if refused is not None:  # Codex hears at once that nobody here will answer it
+            connection.send(rpc.encode(rpc.error_response(
+                refused["id"], rpc.INVALID_REQUEST, "not this client's thread")))
+        if retry:
+            self._retry.later(session, connection, message["id"], call)
+        elif message is None:
+            return  # nothing the client should see
+        elif "method" in message:
+            session.transport.send(message, rpc.nothing, route)
+        elif call is None:
+            log.warning("session %s: codex answered id %r, which no client asked",
+                        rpc.session_name(session.key), message.get("id"))
+        elif call.request.get("id") is not None:  # None: a request of our own (a replay)
+            reply = session.unconfine(call, message) if session.confined else message
+            session.transport.send(dict(reply, id=call.request["id"]), call.done, call.route)
+
+    def _answered(self, session: "Session", reply: Message) -> Tuple[Optional["Call"],
+                                                                     Optional[Message]]:
+        """Under the lock: the call Codex's ``reply`` answers (None: none), and the reply
+        (None when the client was told already: its request timed out)."""
+        late = session.late.pop(reply["id"], None)
+        if late is not None:  # what it means still counts
+            session.answered(late, reply)
+            log.warning("session %s: dropping codex's late answer to %s (id %r), which "
+                        "timed out", rpc.session_name(session.key), late["method"][:200],
+                        late.get("id"))
+            return None, None
+        return session.calls.get(reply["id"]), reply
+
+    def connection_lost(self, connection: "CodexConnection", why: str,
+                        ending: Optional[str] = None, answer: bool = True) -> None:
+        """Tell the session its connection is gone: its requests fail (unless not
+        ``answer``), Codex's requests to it are withdrawn, its running turns fail.
+        ``ending``: why, when the server ended it on purpose."""
+        session = connection.session
+        ending = ending or ("codex-app-server is shutting down" if self.table.closed else None)
+        with self.lock:
+            if session.connection is not connection:
+                return  # closed on purpose, and idle then: nothing to tell
+            self.table.detach(session)
+            orphans = self.table.drop_calls(session)
+            withdrawn = self.requests.withdraw(session)
+            turns, session.turns = session.turns, {}
+            session.overloaded, session.backoff = [], 0.0  # (answered below, as orphans)
+            route = session.route
+            self.lock.notify_all()
+        exited = None if ending else _exit_reason(connection.process, wait=2.0)
+        message = ending if ending else \
+            f"codex app-server exited with {exited}" if exited else \
+            f"the connection to codex app-server closed ({why})"
+        (log.error if orphans or turns else log.info)(
+            "session %s: %s; failing %d pending requests and %d running turns",
+            rpc.session_name(session.key), message, len(orphans), len(turns))
+        for notice in _failure_notices(message, withdrawn, turns):
+            session.transport.send(notice, rpc.nothing, route)
+        for call in orphans if answer else ():
+            if call.request.get("id") is not None:
+                session.transport.send(rpc.error_response(
+                    call.request["id"], rpc.INTERNAL_ERROR, message if ending else
+                    f"{message} before answering"), call.done, call.route)
+
+
+class SessionCloser:
+    """Ends sessions (at shutdown, when stdin closes, when their partition moves): their
+    requests and turns may finish; near the deadline running turns are interrupted; then
+    their connections close, and what is still owed is answered."""
+
+    def __init__(self, backend: "CodexBackend"):
+        self._backend = backend
+        self._table = backend.table
+        self._lock = backend.lock
+
+    def close(self, which: Callable[["Session"], bool], deadline: float,
+                   why: str = "codex-app-server is shutting down", answer: bool = True,
+                   stop_codex: bool = False) -> None:
         """Let the sessions ``which`` says finish their requests and running turns; near the
         deadline interrupt the turns, which then complete as such (within a second at
         least); then close their connections, answering what is still owed with ``why``
         (when ``answer``)."""
         def busy(turns: bool = True) -> List[Session]:
-            return [session for session in self._live() if which(session)
+            return [session for session in self._table.live() if which(session)
                     and (session.calls or session.waiting or turns and session.turns)]
         with self._lock:
             grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
             while busy() and time.monotonic() < deadline - grace:
                 self._lock.wait(max(0.0, min(0.1, deadline - grace - time.monotonic())))
-            interrupts = [(session.connection, self._own(session, "turn/interrupt", {
+            interrupts = [(session.connection, self._backend.own_request(session, "turn/interrupt", {
                 "threadId": thread_id, "turnId": turn_id}))
                 for session in busy() for turn_id, (thread_id, _) in session.turns.items()]
         if interrupts:
@@ -1392,308 +1458,32 @@ class CodexBackend(Backend):
             if unanswered:
                 log.warning("shutdown timeout: %d requests to codex still unanswered",
                             unanswered)
-            connections = [session.connection for session in self._open if which(session)
-                           and session.connection is not None]  # (None: still connecting)
-            for session in self._connecting:
+            connections = [session.connection for session in self._table.admitted()
+                           if which(session) and session.connection is not None]
+            for session in self._table.connecting:
                 session.cut |= which(session)  # what still waits is answered with ``why``
         if stop_codex:  # every connection ends with it, quickly
-            self._codex.stop(deadline)
+            self._backend._codex.stop(deadline)
         for connection in connections:
-            self._connection_lost(connection, "", ending=why, answer=answer)
+            self._backend.connection_lost(connection, "", ending=why, answer=answer)
             connection.close()
         for connection in connections:
             connection.ended.wait(max(0.1, deadline - time.monotonic()))
         with self._lock:  # connectors answer what waits on them, then end
-            while any(which(session) for session in self._connecting) \
+            while any(which(session) for session in self._table.connecting) \
                     and time.monotonic() < deadline:
                 self._lock.wait(max(0.01, min(0.1, deadline - time.monotonic())))
 
-    def _live(self) -> List["Session"]:
-        """Under the lock: the sessions holding a connection or opening one."""
-        return list(self._open) + [session for session in self._connecting
-                                   if session not in self._open]
 
-    # Sessions --------------------------------------------------------------
+class OverloadRetry:
+    """Codex's "retry later" (-32001) to a request: asked again, not passed on, up to 8
+    times a request, after a per-session backoff.  Under the backend's lock."""
 
-    def _session(self, transport: Any, route: rpc.Route) -> "Session":
-        key = (transport, route.session)
-        with self._lock:
-            session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = Session(transport, route.session)
-                # Stdio is the local operator's: upstream's view of every thread.
-                session.confined = not self.shared_threads and transport.name != "stdio"
-                load = getattr(transport, "load", None)
-                state = load(route.session) if load is not None else None
-                if state:  # saved by this server before a restart, or by another one
-                    session.restore(state)
-                # A closed session's state is small, but clients choose keys: keep the newest.
-                excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self.max_sessions)
-                for old in list(itertools.islice(self._sessions, max(0, excess))):
-                    if self._sessions[old].connection is None and self._sessions[old].idle() \
-                            and self._sessions[old] not in self._open:  # (not connecting)
-                        del self._sessions[old]
-            else:
-                self._sessions.move_to_end(key)
-            session.follow(route)
-        return session
+    def __init__(self, lock: threading.Condition):
+        self._lock = lock
+        self.count = 0  # Codex's "retry later" answers, since start
 
-    def _open_connection(self, session: "Session") -> Tuple[Optional["CodexConnection"],
-                                                            Optional[Tuple[Optional[int], str]]]:
-        """On the session's connector: (its new connection, None), its state replayed first;
-        or (None, (code, text)): why it can have none."""
-        lost = session.connection
-        if lost is not None:  # its reader is telling the session, or stuck
-            lost.ended.wait(1.0)
-            self._connection_lost(lost, "closed")
-        closing = None
-        with self._lock:
-            failure = self._ending(session)
-            if failure is None:
-                # Every session busy: one is often done within milliseconds (a burst of new
-                # clients, each initializing), so wait a little before refusing.
-                wait_until = time.monotonic() + SESSION_WAIT
-                admitted, closing = self._admit(session)
-                while not admitted and time.monotonic() < wait_until and not self._closed:
-                    self._lock.wait(wait_until - time.monotonic())
-                    admitted, closing = self._admit(session)
-                if not admitted:
-                    failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
-                               f"{self.max_sessions} sessions (--max-sessions) is busy; "
-                               "retry later")
-        if failure is not None:
-            return None, failure
-        if closing is not None:
-            closing.close()
-        try:
-            websocket, process = self._codex.connect()
-        except CodexUnavailable as exc:
-            with self._lock:
-                self._open.pop(session, None)
-            return None, (rpc.INTERNAL_ERROR, str(exc))
-        connection = CodexConnection(websocket, process, session, self._from_codex,
-                                     self._connection_lost)
-        with self._lock:
-            failure = self._ending(session)  # while connecting
-            if failure is not None:
-                self._open.pop(session, None)
-            else:
-                session.connection = connection
-                replay = session.replay(functools.partial(self._own, session))
-        if failure is not None:
-            connection.close()
-            return None, failure
-        connection._reader.start()
-        for data in replay:  # its state first: Codex takes a connection's messages in order
-            connection.send(data)
-        log.debug("session %s: connected to codex (%d messages replayed)",
-                  _session_name(session.key), len(replay))
-        return connection, None
-
-    def _ending(self, session: "Session") -> Optional[Tuple[Optional[int], str]]:
-        """Under the lock: why ``session`` may no longer reach Codex, or None.  Its code is
-        None when what waits is not to be answered (the session moved)."""
-        if session.moved:
-            return None, "the session moved to another server"
-        if session.cut:
-            return rpc.INTERNAL_ERROR, "codex-app-server is shutting down"
-        return None
-
-    def _admit(self, session: "Session") -> Tuple[bool, Optional["CodexConnection"]]:
-        """Under the lock: make room for ``session``; (False, None) when none is idle,
-        else (True, the connection of the session closed for it, to close outside the
-        lock)."""
-        closing = None
-        if len(self._open) >= self.max_sessions:
-            victim = next((other for other in self._open
-                           if other.connection is not None and other.idle()), None)
-            if victim is None:
-                return False, None
-            closing = self._detach(victim)
-            log.info("session %s: connection to codex closed: least recently used, to make "
-                     "room (--max-sessions)", _session_name(victim.key))
-        self._open[session] = None
-        session.last_used = time.monotonic()
-        if self._reaper is None and (self.idle_timeout or self.request_timeout):
-            self._reaper = threading.Thread(target=self._reap, name="session-reaper",
-                                            daemon=True)
-            self._reaper.start()
-        return True, closing
-
-    def _touch(self, session: "Session") -> None:
-        session.last_used = time.monotonic()
-        if session in self._open:
-            self._open.move_to_end(session)
-
-    def _detach(self, session: "Session") -> Optional["CodexConnection"]:
-        """Under the lock: take the session's connection away; the caller closes it."""
-        connection, session.connection = session.connection, None
-        self._open.pop(session, None)
-        return connection
-
-    def _reap(self) -> None:
-        """Close idle sessions; fail the requests Codex has not answered in time."""
-        tick = max(0.05, min(1.0, *(limit / 4 for limit in (self.idle_timeout,
-                                                             self.request_timeout) if limit)))
-        while True:
-            time.sleep(tick)
-            try:
-                self._reap_once()
-            except Exception:  # this thread must go on: timeouts and idle closing hang on it
-                log.exception("internal error in the session reaper")
-
-    def _reap_once(self) -> None:
-        now = time.monotonic()
-        with self._lock:  # decided and detached at once: nothing slips in between
-            stale = [session for session in itertools.takewhile(
-                lambda s: s.last_used < now - self.idle_timeout, self._open)
-                if session.connection is not None and session.idle()] \
-                if self.idle_timeout else []
-            closing = [self._detach(session) for session in stale]
-            expired = [(session, call) for session in self._open
-                       for call in session.expired(now)] if self.request_timeout else []
-            self._in_flight -= len(expired)
-            waited = [(session, item) for session in self._connecting
-                      for item in session.expired_waiting(now)]
-            self._held -= len(waited)
-            self._lock.notify_all()
-        for session, connection in zip(stale, closing):
-            log.info("session %s: connection to codex closed: idle for %g s "
-                     "(--session-idle-timeout)", _session_name(session.key),
-                     self.idle_timeout)
-            connection.close()
-        for session, call in expired + waited:
-            request = call.request if isinstance(call, Call) else call.message
-            msg_id = request.get("id")
-            log.warning("session %s: %s request (id %r) timed out after %g s "
-                        "(--request-timeout)%s", _session_name(session.key),
-                        request["method"][:200], msg_id, self.request_timeout,
-                        "" if isinstance(call, Call) else
-                        ", still waiting for its connection to codex")
-            if msg_id is not None:
-                session.transport.send(rpc.error_response(
-                    msg_id, rpc.INTERNAL_ERROR, "request timed out after "
-                    f"{self.request_timeout:g} s"), call.done, call.route)
-
-    # Requests and replies --------------------------------------------------
-
-    def _save(self, session: "Session", done: rpc.Done = rpc.nothing) -> None:
-        """The session's state to the session store (Kafka's), when it changed, then
-        ``done``; in order, as the saves of one session may come from two threads."""
-        if not (session.changed and getattr(session.transport, "session_topic", None)):
-            done()
-            return
-        with session.saving:
-            with self._lock:
-                session.changed = False
-                state = None if session.moved else session.state()
-                if state == session.saved:
-                    state = None
-                elif state is not None:
-                    session.saved = state
-            if state is None:
-                done()
-            else:
-                session.transport.save(session.key, state, done)
-
-    def _call(self, session: "Session", our_id: int, request: Message,
-              done: rpc.Done = rpc.nothing, route: rpc.Route = rpc.DEFAULT_ROUTE,
-              deadline: Optional[float] = None) -> None:
-        """Under the lock: ``request`` is on its way to Codex as ``our_id``; its client
-        waits until ``deadline`` (default: --request-timeout from now)."""
-        if deadline is None:
-            deadline = self._deadline()
-        session.calls[our_id] = Call(request, done, route, deadline)
-        self._in_flight += 1
-
-    def _own(self, session: "Session", method: str, params: Any) -> bytes:
-        """Under the lock: a request of the server's own, encoded."""
-        our_id = session.new_id()
-        self._call(session, our_id, {"method": method, "params": params})
-        return rpc.encode({"id": our_id, "method": method, "params": params})
-
-    def _answer_codex(self, transport: Any, route: rpc.Route, answer: Message) -> None:
-        """A client's answer to one of Codex's requests goes to the connection that asked,
-        when it comes from the session that was asked."""
-        with self._lock:
-            asked = self._asked.get(answer["id"])
-            if asked is not None and (asked[0].transport, asked[0].key) == (transport,
-                                                                           route.session):
-                del self._asked[answer["id"]]  # a second answer finds nothing
-            else:
-                asked = None
-            if asked is not None:
-                session, connection, codex_id = asked
-                self._touch(session)
-                entry = session.asked.pop(codex_id, None)
-                if entry is not None and entry[1] is not None:
-                    # Codex's serverRequest/resolved (which names a thread) is still to come.
-                    session.asked[codex_id] = (entry[0], entry[1], True)
-        if asked is not None and connection.send(rpc.encode(dict(answer, id=codex_id))):
-            return
-        log.warning("dropping a client answer to codex request %r, which no connection to "
-                    "codex is waiting for (answered already, withdrawn, its connection "
-                    "closed, or asked of another session)", answer["id"])
-
-    def _from_codex(self, connection: "CodexConnection", message: Message) -> None:
-        session = connection.session
-        call = retry = refused = None
-        with self._lock:
-            if session.connection is not connection:
-                return  # closed or replaced: the session has heard of it
-            if connection.process is self._codex.process:
-                self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
-            wait_for_save = False
-            if "id" in message:  # not a notification: some are broadcast to every session
-                self._touch(session)
-            if "method" in message and "id" in message and session.confined \
-                    and not session.may_see(message.get("params") or {}):
-                refused, message = message, None  # never relayed: not the session's thread
-            elif "method" in message:
-                message = self._ask_client(session, connection, message) if "id" in message \
-                    else session.notified(message, self._asked)
-                route = session.route
-            elif message["id"] in session.late:  # its client was told; what it means counts
-                request = session.late.pop(message["id"])
-                session.answered(request, message)
-                log.warning("session %s: dropping codex's late answer to %s (id %r), which "
-                            "timed out", _session_name(session.key), request["method"][:200],
-                            request.get("id"))
-                message = None
-            else:
-                call = session.calls.get(message["id"])
-                retry = call is not None and _overloaded(call, message)
-                if call is not None and not retry:
-                    session.backoff = 0.0  # Codex takes requests again
-                    del session.calls[message["id"]]
-                    self._in_flight -= 1
-                    self._lock.notify_all()
-                    session.answered(call.request, message)
-            wait_for_save = call is not None and not retry and session.changed
-        if wait_for_save:
-            # Its offset commits once the state it changed is saved too: after a crash, the
-            # request is read again rather than the session found without it.
-            call.done = rpc.after(2, call.done)
-            self._save(session, call.done)
-        else:
-            self._save(session)
-        if refused is not None:  # Codex hears at once that nobody here will answer it
-            connection.send(rpc.encode(rpc.error_response(
-                refused["id"], rpc.INVALID_REQUEST, "not this client's thread")))
-        if retry:
-            self._retry_later(session, connection, message["id"], call)
-        elif message is None:
-            return  # nothing the client should see
-        elif "method" in message:
-            session.transport.send(message, rpc.nothing, route)
-        elif call is None:
-            log.warning("session %s: codex answered id %r, which no client asked",
-                        _session_name(session.key), message.get("id"))
-        elif call.request.get("id") is not None:  # None: a request of our own (a replay)
-            reply = session.unconfine(call, message) if session.confined else message
-            session.transport.send(dict(reply, id=call.request["id"]), call.done, call.route)
-
-    def _retry_later(self, session: "Session", connection: "CodexConnection", our_id: int,
+    def later(self, session: "Session", connection: "CodexConnection", our_id: int,
                      call: "Call") -> None:
         """Codex said "retry later": the session's overloaded requests go again together
         after a backoff (doubling to 2 s while Codex keeps saying so).  Its reader goes on
@@ -1701,7 +1491,7 @@ class CodexBackend(Backend):
         requests still count as in flight, which holds the transports back."""
         call.retries += 1
         with self._lock:
-            self._overloads += 1
+            self.count += 1
             session.overloaded.append((our_id, call, connection))
             if len(session.overloaded) > 1:
                 return  # a resend is already due
@@ -1723,71 +1513,410 @@ class CodexBackend(Backend):
         for connection, item in data:
             connection.send(item)
 
-    def _ask_client(self, session: "Session", connection: "CodexConnection",
-                    request: Message) -> Message:
-        """Codex's request goes out under an id no other request of this server has had."""
-        outward = next(_SERVER_REQUEST_IDS)
-        params = request.get("params")
-        thread_id = params.get("threadId") if isinstance(params, dict) else None
-        self._asked[outward] = (session, connection, request["id"])
-        session.asked[request["id"]] = (outward, thread_id, False)
-        return dict(request, id=outward)
 
-    def _connection_lost(self, connection: "CodexConnection", why: str,
-                         ending: Optional[str] = None, answer: bool = True) -> None:
-        """Tell the session its connection is gone: its requests fail (unless not
-        ``answer``), Codex's requests to it are withdrawn, its running turns fail.
-        ``ending``: why, when the server ended it on purpose."""
-        session = connection.session
-        ending = ending or ("codex-app-server is shutting down" if self._closed else None)
+class Connector:
+    """A session's connection to Codex, opened in a thread of its own (an opening Codex may
+    take seconds: other sessions go on meanwhile), its state replayed first; then what
+    waited for it is handed on, in order, until nothing does (later messages then go
+    straight on).  Nothing is left waiting when it ends, whatever fails."""
+
+    def __init__(self, backend: CodexBackend):
+        self._backend = backend
+        self._table = backend.table
+        self._lock = backend.lock
+
+    def start(self, session: "Session") -> bool:
+        """Under the lock: the session's connector thread; False when none can start."""
+        try:  # (no state changed before the thread runs: it may not start)
+            threading.Thread(target=self._run, args=(session,), daemon=True,
+                             name=f"connect-{rpc.session_name(session.key)}").start()
+        except RuntimeError as exc:
+            log.error("session %s: cannot start its connector: %s",
+                      rpc.session_name(session.key), exc)
+            return False
+        session.waiting = collections.deque()
+        self._table.connecting.add(session)
+        return True
+
+    def _run(self, session: "Session") -> None:
+        with self._lock:  # the processor sets these right after starting this thread
+            while session.waiting is None:
+                self._lock.wait(0.01)
+        in_hand: List[Waiting] = []  # taken from what waits, not yet sent or refused
+        try:
+            self._drain(session, in_hand)
+        except Exception:
+            log.exception("internal error connecting session %s to codex",
+                          rpc.session_name(session.key))
+            with self._lock:
+                left = in_hand + self._table.stop_holding(session)
+                if session.connection is None:
+                    self._table.release(session)  # (admitted, never connected)
+                self._lock.notify_all()
+            for item in left:
+                self._backend.refuse(session, item, (rpc.INTERNAL_ERROR, "internal error in "
+                                                     "codex-app-server (see its log)"))
+
+    def _drain(self, session: "Session", in_hand: List["Waiting"]) -> None:
+        connection, failure = self._open(session)
+        while True:
+            in_hand.clear()
+            with self._lock:
+                failure = _ending(session) or failure
+                item = self._table.next_held(session)
+                if item is None:
+                    self._lock.notify_all()
+                    return
+                in_hand.append(item)
+                self._lock.notify_all()
+            if failure is not None:
+                self._backend.refuse(session, item, failure)
+            elif not self._backend.deliver(session, connection, item):
+                if item.retried:
+                    failure = (rpc.INTERNAL_ERROR, "codex app-server is not available: the "
+                               "connection to it closed before it could take the request")
+                    self._backend.refuse(session, item, failure)
+                else:  # once more, on a new connection
+                    item.retried = True
+                    with self._lock:
+                        self._table.hold(session, item, first=True)
+                    in_hand.clear()
+                    connection, failure = self._open(session)
+
+    def _open(self, session: "Session") -> Tuple[Optional["CodexConnection"],
+                                                 Optional[Tuple[Optional[int], str]]]:
+        """(its new connection, None), its state replayed first; or (None, (code, text)):
+        why it can have none."""
+        lost = session.connection
+        if lost is not None:  # its reader is telling the session, or stuck
+            lost.ended.wait(1.0)
+            self._backend.connection_lost(lost, "closed")
         with self._lock:
-            if session.connection is not connection:
-                return  # closed on purpose, and idle then: nothing to tell
-            session.connection = None
-            self._open.pop(session, None)
-            orphans, session.calls = list(session.calls.values()), {}
-            session.late.clear()
-            self._in_flight -= len(orphans)
-            withdrawn, session.asked = list(session.asked.values()), {}
-            for outward, _, _ in withdrawn:
-                self._asked.pop(outward, None)
-            turns, session.turns = session.turns, {}
-            session.overloaded, session.backoff = [], 0.0  # (answered below, as orphans)
-            route = session.route
-            self._lock.notify_all()
-        exited = None if ending else _exit_reason(connection.process, wait=2.0)
-        message = ending if ending else \
-            f"codex app-server exited with {exited}" if exited else \
-            f"the connection to codex app-server closed ({why})"
-        (log.error if orphans or turns else log.info)(
-            "session %s: %s; failing %d pending requests and %d running turns",
-            _session_name(session.key), message, len(orphans), len(turns))
-        # What Codex itself sends when a turn fails, so clients need no special case:
-        # its open requests withdrawn first, then `error` and a failed `turn/completed`.
-        for outward, thread_id, _ in withdrawn:
-            if isinstance(thread_id, str):  # the notification names a thread
-                session.transport.send({"method": "serverRequest/resolved", "params": {
-                    "threadId": thread_id, "requestId": outward}}, rpc.nothing, route)
-        now = time.time()
-        for turn_id, (thread_id, turn) in turns.items():
-            error = {"message": message, "codexErrorInfo": "other", "additionalDetails": None,
-                     "misalignment": None}
-            session.transport.send({"method": "error", "params": {
-                "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}},
-                rpc.nothing, route)
-            started = turn.get("startedAt")
-            session.transport.send({"method": "turn/completed", "params": {
-                "threadId": thread_id, "turn": dict(
-                    turn, items=[], itemsView="notLoaded", status="failed", error=error,
-                    completedAt=int(now),
-                    durationMs=int((now - started) * 1000) if _is_number(started) else None)}},
-                rpc.nothing, route)
-        for call in orphans if answer else ():
-            if call.request.get("id") is not None:
-                session.transport.send(rpc.error_response(
-                    call.request["id"], rpc.INTERNAL_ERROR, message if ending else
-                    f"{message} before answering"), call.done, call.route)
+            failure = _ending(session)
+            closing = None if failure is not None else self._table.wait_to_admit(session)
+            if closing is False:
+                failure = (SERVER_OVERLOADED, "server overloaded: every one of the "
+                           f"{self._table.max_sessions} sessions (--max-sessions) is busy; "
+                           "retry later")
+        if failure is not None:
+            return None, failure
+        if closing is not None:
+            closing.close()
+        try:
+            websocket, process = self._backend._codex.connect()
+        except CodexUnavailable as exc:
+            with self._lock:
+                self._table.release(session)
+            return None, (rpc.INTERNAL_ERROR, str(exc))
+        connection = CodexConnection(websocket, process, session, self._backend.from_codex,
+                                     self._backend.connection_lost)
+        with self._lock:
+            failure = _ending(session)  # while connecting
+            if failure is not None:
+                self._table.release(session)
+            else:
+                session.connection = connection
+                replay = session.replay(functools.partial(self._backend.own_request, session))
+        if failure is not None:
+            connection.close()
+            return None, failure
+        connection.start()
+        for data in replay:  # its state first: Codex takes a connection's messages in order
+            connection.send(data)
+        log.debug("session %s: connected to codex (%d messages replayed)",
+                  rpc.session_name(session.key), len(replay))
+        return connection, None
 
+
+def _ending(session: "Session") -> Optional[Tuple[Optional[int], str]]:
+    """Under the lock: why ``session`` may no longer reach Codex, or None.  Its code is
+    None when what waits is not to be answered (the session moved)."""
+    if session.moved:
+        return None, "the session moved to another server"
+    if session.cut:
+        return rpc.INTERNAL_ERROR, "codex-app-server is shutting down"
+    return None
+
+
+class SessionTable:
+    """Every client's ``Session``, by (transport, key), and which of them may hold a
+    connection to Codex: at most ``max_sessions`` (admitted: holding one or opening one),
+    the least recently used idle one closed to make room.  Closed sessions are kept for
+    their state, the newest ``SESSION_MEMORY`` (clients choose keys).  It counts what is in
+    flight to Codex and what waits for a connection (backpressure: ``wait_for_room``), and
+    its reaper thread closes idle sessions and fails requests Codex has not answered in
+    time.  The backend's ``lock`` guards it: its methods expect it held unless they say
+    otherwise."""
+
+    def __init__(self, lock: threading.Condition, max_sessions: int, idle_timeout: float,
+                 request_timeout: float, max_in_flight: int):
+        self.lock = lock
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_in_flight = max_in_flight
+        self._sessions: "collections.OrderedDict[Tuple[Any, Optional[bytes]], Session]" = \
+            collections.OrderedDict()  # least recently heard from first
+        self._admitted: "collections.OrderedDict[Session, None]" = \
+            collections.OrderedDict()  # least recently used first
+        self.connecting: Set["Session"] = set()  # sessions whose connector runs
+        self._in_flight = 0  # = the admitted sessions' calls: changed only with them, here
+        self._held = 0  # = what the connecting sessions hold: changed only with it, here
+        self._reaper: Optional[threading.Thread] = None
+        self.stop_deadline = float("inf")  # shutdown's: nobody waits for room past it
+        self.closed = False
+
+    def session_for(self, transport: Any, route: rpc.Route, confined: bool) -> "Session":
+        """(Takes the lock.)  The session of ``route`` on ``transport``, made (its state
+        restored from the transport's store) if new; it follows ``route``."""
+        key = (transport, route.session)
+        with self.lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = Session(transport, route.session)
+                session.confined = confined
+                state = transport.store.load(route.session) if transport.store else None
+                if state:  # saved by this server before a restart, or by another one
+                    session.restore(state)
+                self._forget_oldest()
+            else:
+                self._sessions.move_to_end(key)
+            session.follow(route)
+        return session
+
+    def find(self, transport: Any, key: Optional[bytes]) -> Optional["Session"]:
+        """The session of ``key`` on ``transport``, if there is one."""
+        return self._sessions.get((transport, key))
+
+    def _forget_oldest(self) -> None:
+        # A closed session's state is small, but clients choose keys: keep the newest.
+        excess = len(self._sessions) - max(SESSION_MEMORY, 2 * self.max_sessions)
+        for old in list(itertools.islice(self._sessions, max(0, excess))):
+            session = self._sessions[old]
+            if session.connection is None and session.idle() \
+                    and session not in self._admitted:  # (not connecting)
+                del self._sessions[old]
+
+    def forget_moved(self, transport: Any, partitions: Set[int]) -> List["Session"]:
+        """The keyed sessions of ``transport`` last heard from on ``partitions``, forgotten
+        and marked as moved (they save no more)."""
+        moved = [session for (owner, key), session in self._sessions.items()
+                 if owner is transport and key is not None and session.source in partitions]
+        for session in moved:
+            session.moved = True
+            del self._sessions[session.transport, session.key]
+        return moved
+
+    def stats(self) -> Dict[str, int]:
+        return {"sessions": len(self._admitted), "in_flight": self._in_flight}
+
+    def live(self) -> List["Session"]:
+        """The sessions holding a connection or opening one."""
+        return list(self._admitted) + [session for session in self.connecting
+                                       if session not in self._admitted]
+
+    def admitted(self) -> List["Session"]:
+        return list(self._admitted)
+
+    # Admission ---------------------------------------------------------------
+
+    def wait_to_admit(self, session: "Session") -> Any:
+        """Admit ``session``, waiting a little for room (every session busy: one is often
+        done within milliseconds, a burst of new clients each initializing); False when
+        there is none, else the connection closed to make room (None: none), for the caller
+        to close outside the lock."""
+        wait_until = time.monotonic() + SESSION_WAIT
+        closing = self._admit(session)
+        while closing is False and time.monotonic() < wait_until and not self.closed:
+            self.lock.wait(wait_until - time.monotonic())
+            closing = self._admit(session)
+        return closing
+
+    def _admit(self, session: "Session") -> Any:
+        if len(self._admitted) >= self.max_sessions:
+            victim = next((other for other in self._admitted
+                           if other.connection is not None and other.idle()), None)
+            if victim is None:
+                return False
+            closing = self.detach(victim)
+            log.info("session %s: connection to codex closed: least recently used, to make "
+                     "room (--max-sessions)", rpc.session_name(victim.key))
+        else:
+            closing = None
+        self._admitted[session] = None
+        session.last_used = time.monotonic()
+        if self._reaper is None and (self.idle_timeout or self.request_timeout):
+            self._reaper = threading.Thread(target=self._reap, name="session-reaper",
+                                            daemon=True)
+            self._reaper.start()
+        return closing
+
+    def touch(self, session: "Session") -> None:
+        session.last_used = time.monotonic()
+        if session in self._admitted:
+            self._admitted.move_to_end(session)
+
+    def detach(self, session: "Session") -> Optional["CodexConnection"]:
+        """Take the session's connection away (the caller closes it) and its place."""
+        connection, session.connection = session.connection, None
+        self._admitted.pop(session, None)
+        return connection
+
+    def release(self, session: "Session") -> None:
+        """An admitted session that got no connection gives its place back."""
+        self._admitted.pop(session, None)
+
+    # What is in flight, and what waits -----------------------------------------
+
+    def add_call(self, session: "Session", our_id: int, call: "Call") -> None:
+        session.calls[our_id] = call
+        self._in_flight += 1
+
+    def pop_call(self, session: "Session", our_id: int) -> Optional["Call"]:
+        call = session.calls.pop(our_id, None)
+        if call is not None:
+            self._in_flight -= 1
+            self.lock.notify_all()
+        return call
+
+    def drop_calls(self, session: "Session") -> List["Call"]:
+        """Every call of a session whose connection is lost (and what timed out)."""
+        orphans, session.calls = list(session.calls.values()), {}
+        session.late.clear()
+        self._in_flight -= len(orphans)
+        return orphans
+
+    def hold(self, session: "Session", item: "Waiting", first: bool = False) -> None:
+        """``item`` waits for the connection its connector is opening."""
+        (session.waiting.appendleft if first else session.waiting.append)(item)
+        self._held += 1
+
+    def next_held(self, session: "Session") -> Optional["Waiting"]:
+        """The first of what waits; None (and the connector done) when nothing does."""
+        if not session.waiting:
+            session.waiting = None
+            self.connecting.discard(session)
+            return None
+        self._held -= 1
+        return session.waiting.popleft()
+
+    def stop_holding(self, session: "Session") -> List["Waiting"]:
+        """Everything that waits, taken (its connector failed)."""
+        left, session.waiting = list(session.waiting or ()), None
+        self._held -= len(left)
+        self.connecting.discard(session)
+        return left
+
+    def wait_for_room(self, with_held: bool = False) -> None:
+        """Wait until fewer than ``max_in_flight`` are in flight (counting, ``with_held``,
+        what waits for a connection), or shutdown's deadline."""
+        while self._in_flight + (self._held if with_held else 0) >= self.max_in_flight \
+                and not self.closed and time.monotonic() < self.stop_deadline:
+            self.lock.wait(min(1.0, max(0.01, self.stop_deadline - time.monotonic())))
+
+    def deadline(self) -> float:
+        """When a request sent now times out (--request-timeout)."""
+        return time.monotonic() + self.request_timeout if self.request_timeout \
+            else float("inf")
+
+    # The reaper ----------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Close idle sessions; fail the requests Codex has not answered in time."""
+        tick = max(0.05, min(1.0, *(limit / 4 for limit in (self.idle_timeout,
+                                                             self.request_timeout) if limit)))
+        while True:
+            time.sleep(tick)
+            try:
+                self._reap_once()
+            except Exception:  # this thread must go on: timeouts and idle closing hang on it
+                log.exception("internal error in the session reaper")
+
+    def _reap_once(self) -> None:
+        now = time.monotonic()
+        with self.lock:  # decided and detached at once: nothing slips in between
+            stale = [session for session in itertools.takewhile(
+                lambda s: s.last_used < now - self.idle_timeout, self._admitted)
+                if session.connection is not None and session.idle()] \
+                if self.idle_timeout else []
+            closing = [self.detach(session) for session in stale]
+            expired = [(session, call) for session in self._admitted
+                       for call in session.expired(now)] if self.request_timeout else []
+            self._in_flight -= len(expired)
+            waited = [(session, item) for session in self.connecting
+                      for item in session.expired_waiting(now)]
+            self._held -= len(waited)
+            self.lock.notify_all()
+        for session, connection in zip(stale, closing):
+            log.info("session %s: connection to codex closed: idle for %g s "
+                     "(--session-idle-timeout)", rpc.session_name(session.key),
+                     self.idle_timeout)
+            connection.close()
+        for session, call in expired + waited:
+            self._timed_out(session, call)
+
+    def _timed_out(self, session: "Session", call: Any) -> None:
+        request = call.request if isinstance(call, Call) else call.message
+        msg_id = request.get("id")
+        log.warning("session %s: %s request (id %r) timed out after %g s "
+                    "(--request-timeout)%s", rpc.session_name(session.key),
+                    request["method"][:200], msg_id, self.request_timeout,
+                    "" if isinstance(call, Call) else
+                    ", still waiting for its connection to codex")
+        if msg_id is not None:
+            session.transport.send(rpc.error_response(
+                msg_id, rpc.INTERNAL_ERROR, "request timed out after "
+                f"{self.request_timeout:g} s"), call.done, call.route)
+
+
+class ServerRequests:
+    """Codex's requests to clients (approvals): each goes out under an id no request of any
+    run of any server has had (``RequestIds``), so a late answer never reaches a
+    successor's request; only an answer from the session asked reaches the connection that
+    asked, and only once.  One ``Asked`` per request, found by that id here and by Codex's
+    id in its session's ``asked`` (kept by this class alone).  Under the backend's lock."""
+
+    def __init__(self) -> None:
+        self._by_id: Dict[int, Asked] = {}
+
+    def ask(self, session: "Session", connection: "CodexConnection",
+            request: Message) -> Message:
+        """Codex's ``request`` as the client sees it."""
+        params = request.get("params")
+        asked = Asked(session, connection, request["id"], next(_SERVER_REQUEST_IDS),
+                      params.get("threadId") if isinstance(params, dict) else None)
+        self._by_id[asked.id] = session.asked[asked.codex_id] = asked
+        return dict(request, id=asked.id)
+
+    def answered(self, transport: Any, key: Optional[bytes], outward: Any) -> Optional["Asked"]:
+        """The request a client's answer (to ``outward``) answers, when that client was
+        asked; a second answer finds nothing."""
+        asked = self._by_id.get(outward)
+        if asked is None or (asked.session.transport, asked.session.key) != (transport, key):
+            return None
+        del self._by_id[outward]
+        if asked.thread is None:  # no serverRequest/resolved will come to resolve it
+            del asked.session.asked[asked.codex_id]
+        else:
+            asked.answered = True
+        return asked
+
+    def resolved(self, session: "Session", codex_id: Any) -> Optional[int]:
+        """Codex resolved its request ``codex_id`` (``serverRequest/resolved``): it is gone
+        (an answer now would be stale); the id the client knows it by, None if never
+        relayed."""
+        asked = session.asked.pop(codex_id, None)
+        if asked is None:
+            return None
+        self._by_id.pop(asked.id, None)
+        return asked.id
+
+    def withdraw(self, session: "Session") -> List["Asked"]:
+        """Every request open on a session whose connection is lost."""
+        withdrawn, session.asked = list(session.asked.values()), {}
+        for asked in withdrawn:
+            self._by_id.pop(asked.id, None)
+        return withdrawn
 
 
 SERVER_OVERLOADED = -32001  # Codex's own code for "retry later"
@@ -1806,7 +1935,7 @@ class RequestIds:
 
     def __init__(self) -> None:
         self._last = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the last id
 
     def __iter__(self) -> "RequestIds":
         return self
@@ -1847,6 +1976,43 @@ class Waiting:
         self.retried = False
 
 
+class Asked:
+    """One of Codex's requests to a client: the session and connection it came on, Codex's
+    id for it, the id the client knows it by, the thread it names (None: none), and
+    whether the client answered it (Codex's ``serverRequest/resolved`` still to come)."""
+
+    __slots__ = ("session", "connection", "codex_id", "id", "thread", "answered")
+
+    def __init__(self, session: "Session", connection: Any, codex_id: Any, outward: int,
+                 thread: Any):
+        self.session, self.connection, self.codex_id = session, connection, codex_id
+        self.id, self.thread = outward, thread
+        self.answered = False
+
+
+def _failure_notices(why: str, withdrawn: List[Asked],
+                     turns: Dict[str, Tuple[Any, Message]]) -> List[Message]:
+    """What Codex itself sends when a turn fails, so clients need no special case: its open
+    requests withdrawn first, then ``error`` and a failed ``turn/completed`` per turn."""
+    notices: List[Message] = [
+        {"method": "serverRequest/resolved", "params": {"threadId": asked.thread,
+                                                        "requestId": asked.id}}
+        for asked in withdrawn if isinstance(asked.thread, str)]  # (it names a thread)
+    now = time.time()
+    for turn_id, (thread_id, turn) in turns.items():
+        error = {"message": why, "codexErrorInfo": "other", "additionalDetails": None,
+                 "misalignment": None}
+        notices.append({"method": "error", "params": {
+            "error": error, "willRetry": False, "threadId": thread_id, "turnId": turn_id}})
+        started = turn.get("startedAt")
+        notices.append({"method": "turn/completed", "params": {
+            "threadId": thread_id, "turn": dict(
+                turn, items=[], itemsView="notLoaded", status="failed", error=error,
+                completedAt=int(now),
+                durationMs=int((now - started) * 1000) if _is_number(started) else None)}})
+    return notices
+
+
 def _overloaded(call: Call, reply: Message) -> bool:
     """Codex's "retry later", not yet retried 8 times: asked again, not passed on."""
     error = reply.get("error")
@@ -1873,9 +2039,8 @@ class Session:
         self.confined = False  # it may use only the threads it owns
         self.calls: Dict[int, Call] = {}  # our id -> a request Codex has not answered
         self.late: Dict[int, Message] = {}  # our id -> a request that timed out (the newest)
-        # Codex's ids of its unresolved requests to the client -> (the client's id, thread id,
-        # answered by the client)
-        self.asked: Dict[Any, Tuple[int, Any, bool]] = {}
+        # Codex's id of each of its unresolved requests to the client (ServerRequests' index)
+        self.asked: Dict[Any, Asked] = {}
         self.turns: Dict[str, Tuple[Any, Message]] = {}  # running turn id -> (thread id, turn)
         self.source: Optional[int] = None  # the input partition it was last heard from
         self.changed = False  # its state may have changed since it was saved
@@ -1887,8 +2052,7 @@ class Session:
         self.backoff = 0.0  # seconds before they go again
         # While a connector opens its connection: what is to be sent on it, in order.
         self.waiting: Optional[Deque[Waiting]] = None
-        self.saving = threading.Lock()  # its saves, in order
-        self.saved = b""  # its state as last saved
+        self.saving = threading.Lock()  # its saves, in order (taken before the backend's)
         self._next_id = 1
 
     def new_id(self) -> int:
@@ -1917,7 +2081,7 @@ class Session:
         """Nothing in flight: no request on its way or unanswered, no running turn, no
         open approval, no connector (it holds what it has not sent yet)."""
         return not (self.calls or self.turns or self.waiting is not None or self.sending
-                    or any(not answered for _, _, answered in self.asked.values()))
+                    or any(not asked.answered for asked in self.asked.values()))
 
     def follow(self, route: rpc.Route) -> None:
         """A reply topic or partition the client names holds for what Codex sends unasked."""
@@ -1950,9 +2114,8 @@ class Session:
                 self.initialized = saved["initialized"] is True
             self.threads = dict.fromkeys(threads[-SESSION_THREADS:])
             self.owned = dict.fromkeys(owned[-SESSION_OWNED:])
-            self.saved = state
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            log.warning("session %s: ignoring its saved state: %r", _session_name(self.key), exc)
+            log.warning("session %s: ignoring its saved state: %r", rpc.session_name(self.key), exc)
 
     def replay(self, own: Callable[[str, Any], bytes]) -> List[bytes]:
         """What a new connection is told before the client's next message; ``own(method,
@@ -1978,7 +2141,7 @@ class Session:
             elif result is None and (self.init_result is None or request.get("id") is None):
                 if request.get("id") is None:
                     log.warning("session %s: codex refused its replayed initialize: %s",
-                                _session_name(self.key), str(reply.get("error"))[:300])
+                                rpc.session_name(self.key), str(reply.get("error"))[:300])
                 self.init_params = self.init_result = None  # the next one goes to Codex
         elif isinstance(result, dict) and method in ("thread/start", "thread/resume",
                                                      "thread/fork"):
@@ -1996,14 +2159,15 @@ class Session:
             params = request.get("params") or {}
             self.threads.pop(params.get("threadId"), None)  # gone: resume it no more
             log.warning("session %s: could not resume thread %s on a new connection: %s",
-                        _session_name(self.key), params.get("threadId"),
+                        rpc.session_name(self.key), params.get("threadId"),
                         str(reply.get("error"))[:300])
         elif result is not None and method in ("thread/unsubscribe", "thread/archive"):
             params = request.get("params")
             if isinstance(params, dict):
                 self.threads.pop(params.get("threadId"), None)
 
-    def notified(self, notification: Message, asked: Dict[int, Any]) -> Optional[Message]:
+    def notified(self, notification: Message,
+                 requests: "ServerRequests") -> Optional[Message]:
         """Track what a lost connection must end; rewrite the request ids notifications name."""
         method, params = notification["method"], notification.get("params")
         if not isinstance(params, dict):
@@ -2012,9 +2176,7 @@ class Session:
             self.adopt(params["thread"])
         if self.confined and not self.may_see(params):
             if method == "serverRequest/resolved":  # (never relayed: nothing to tell)
-                request = self.asked.pop(params.get("requestId"), None)
-                if request is not None:
-                    asked.pop(request[0], None)
+                requests.resolved(self, params.get("requestId"))
             return None  # another session's thread (Codex tells every connection of some)
         if method == "turn/started" or method == "turn/completed":
             turn = params.get("turn")
@@ -2024,11 +2186,10 @@ class Session:
                 else:
                     self.turns.pop(turn["id"], None)
         elif method == "serverRequest/resolved":
-            request = self.asked.pop(params.get("requestId"), None)
-            if request is None:  # never relayed: its id means nothing to the client
+            outward = requests.resolved(self, params.get("requestId"))
+            if outward is None:  # never relayed: its id means nothing to the client
                 return None
-            asked.pop(request[0], None)  # resolved: an answer now would be stale
-            return dict(notification, params=dict(params, requestId=request[0]))
+            return dict(notification, params=dict(params, requestId=outward))
         return notification
 
 
@@ -2144,10 +2305,6 @@ def _canonical_uuid(text: str) -> Optional[str]:
         return None
 
 
-def _session_name(key: Optional[bytes]) -> str:
-    return "(default)" if key is None else repr(key[:64].decode("utf-8", "replace"))
-
-
 class CodexUnavailable(Exception):
     """Codex cannot take a connection; the message says why."""
 
@@ -2165,11 +2322,15 @@ class CodexConnection:
         self.lost = False  # its end is being told
         self.ended = threading.Event()  # told
         self._websocket = websocket
-        self._name = name = _session_name(session.key)
+        self._name = name = rpc.session_name(session.key)
         self._on_message = on_message
         self._on_end = on_end
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name=f"codex-session-{name}")
+
+    def start(self) -> None:
+        """Start relaying (once the session holds it: what Codex sends is the session's)."""
+        self._reader.start()
 
     def send(self, data: bytes) -> bool:
         """One encoded message as one text frame; False when the connection is gone."""
@@ -2246,7 +2407,7 @@ class CodexProcess:
         self.max_size = max_size
         self.starts = 0
         self.last_heard = 0.0  # when the running Codex last sent a session anything
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the process and its state; held while it starts
         self._process: Optional[subprocess.Popen] = None
         self._socket = ""
         self._ended: Optional[threading.Thread] = None  # tidies up after the process

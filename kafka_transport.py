@@ -16,9 +16,27 @@ Sections, in reading order (each one concern):
   ``ALIASES``) onto kafka-python's keyword arguments; the rest of librdkafka's names are
   known (``LIBRDKAFKA_ONLY``), so a typo is told from a setting to ignore.
 * Security checks: TLS and SASL failures named up front (exit 3).
-* The transport: ``KafkaTransport`` consumes the input topic into a caller's sink (the
-  processor) and produces what answers it where its route says, at least once and in
-  order per session; ``stats()`` counts what it did.
+* The transport, in the order a record meets it:
+
+  - what it is built on: ``Sink`` (the processor: where records go), ``SessionOwner``
+    (the backend: told of rebalances), ``Done`` callbacks;
+  - producing: ``OrderedProducer``, every record in its lane's order (a session's),
+    retried until acknowledged, then its ``done``; the reply-topic cache;
+  - the session store: ``SessionStore``, each session's state in a compacted topic;
+  - intake: ``Intake``, each record decoded, checked or rejected (dead letter, error
+    reply), queued for the sink; pause and resume;
+  - connecting: ``BrokerConnection`` makes the producer and the consumer, retrying, with
+    TLS and SASL failures named;
+  - the consumer loop: ``KafkaTransport`` (connect, poll, hand over, commit, rebalance;
+    ``serve_forever`` / ``shutdown`` / ``close``), and ``KafkaClientTransport``, the
+    proxy's (one session's partition, no group); ``OffsetTracker``: what may commit.
+
+A request's path: ``KafkaTransport._consume`` polls it -> ``OffsetTracker.taken`` gives
+it a ``done`` -> ``Intake.take`` decodes it and makes its ``Route`` -> ``Intake.offer``
+hands it to the sink (the processor) -> the backend answers with
+``KafkaTransport.send(reply, done, route)`` -> ``OrderedProducer.send`` -> the brokers'
+acknowledgement runs ``done`` -> ``OffsetTracker`` lets the offset commit ->
+``KafkaTransport._commit``.
 """
 
 import bisect
@@ -35,7 +53,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import (Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set,
+                    Tuple, Union)
 
 log = logging.getLogger("kafka_transport")
 
@@ -327,7 +346,7 @@ class LogThrottle:
         self._window = -period
         self._count = 0
         self._held = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # its counts
 
     def allow(self) -> Tuple[bool, int]:
         with self._lock:
@@ -852,8 +871,7 @@ class _ClientLog(logging.Handler):
             return "the broker rejected the credentials (its SCRAM answer carried an error)"
         return message
 
-
-# --- the transport --------------------------------------------------------
+# --- the transport: what it is built on ----------------------------------------
 
 PRODUCER_STUCK_SECONDS = 60.0  # failing this long with no acknowledgement: a new producer
 REBALANCE_WAIT = 10.0  # seconds a rebalance waits for what is in flight to be answered
@@ -865,864 +883,33 @@ def nothing() -> None:
     """The ``done`` of a message that needs no acknowledgement."""
 
 
-class KafkaTransport:
-    """One Kafka connection: input topic -> ``sink``; ``send`` -> output topic.
+class Sink:
+    """Where a transport hands what it reads (the processor)."""
 
-    Delivery is at-least-once.  Every record is handed on with a ``done`` callback; its
-    offset is committed only when it and every earlier record of its partition are done.
-    Whoever answers a request calls ``send(reply, done)``, and ``done`` runs when the
-    broker acknowledged the reply.
+    def offer(self, transport: Any, items: Sequence[Tuple[Message, Done, Route]]) -> int:
+        """Take as many (message, done, route) as there is room for; return how many."""
+        raise NotImplementedError
 
-    ``sink`` is the processor: ``sink.offer(transport, [(message, done, route), ...])``
-    takes as many as it has room for and returns how many; ``sink.has_room()`` says it is
-    below its low-water mark; ``sink.answer(transport, message, done, route)`` takes a
-    client's answer (a response or error) at once, past the queue.  While the queue is
-    full the partitions are paused, and polling goes on so the group membership stays alive.
+    def answer(self, transport: Any, message: Message, done: Done, route: Route) -> None:
+        """Take a client's answer (a response or an error) at once, past any queue."""
+        raise NotImplementedError
 
-    ``serve_forever`` runs the consumer loop in the calling thread (the only thread that
-    touches the consumer, which is not thread-safe); ``send`` may be called from any
-    thread.  ``shutdown`` stops intake; ``close`` waits for unacknowledged replies, commits
-    and closes."""
-
-    name = "kafka"
-
-    def __init__(self, input_topic: str, output_topic: str, sink: Any,
-                 properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
-                 dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
-                 poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
-                 reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None,
-                 session: Optional[str] = None, reply_topic: Optional[str] = None,
-                 session_topic: Optional[str] = None):
-        """``stats_topic``: None without statistics, "" for statistics only logged.
-
-        With ``session`` it is a client of a server (the proxy): it reads, without a
-        group, the records of its session in the partition the session maps to, from the
-        end; what it sends goes keyed by the session, naming ``reply_topic`` if given."""
-        self.input_topic = input_topic
-        self.session = session.encode() if session is not None else None
-        self._reply_to = [("kafka_replyTopic", reply_topic.encode())] if reply_topic else []
-        # The session store: each session's state (compacted topic, key = the session).
-        self.session_topic = session_topic
-        self._states: Dict[bytes, bytes] = {}  # as read from it, and as saved since
-        self._store: Any = None  # its reader: a consumer of every partition, no group
-        self._store_behind = True  # read it to its end before taking the next records
-        self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
-        self._states_lock = threading.Lock()
-        self._assigned: frozenset = frozenset()  # input partitions this server reads
-        self.stats_topic = stats_topic
-        self.output_topic = output_topic
-        self.dead_letter_topic = dead_letter_topic
-        self.max_message_bytes = max_message_bytes
-        self.max_input_bytes = max_input_bytes
-        self.reply_topic_pattern = re.compile(reply_topic_pattern) \
-            if reply_topic_pattern is not None else None
-        self.connect_timeout = connect_timeout
-        # Sends held until acknowledged (for a retry): past either bound, intake pauses.
-        self.max_unacked = 10000
-        self.max_unacked_bytes = 64 * 1024 * 1024
-        self._sink = sink
-        self._poll_ms = int(poll_interval * 1000)
-        # Never a client's reply topic: a reply keyed by a client-chosen id in the session
-        # topic would replace that session's state for good (compaction), say.
-        self._own_topics = frozenset(topic for topic in (
-            input_topic, session_topic, dead_letter_topic, stats_topic) if topic)
-        consumer_config, producer_config = client_config(properties)
-        self._consumer_config = dict(consumer_config, enable_auto_commit=False)
-        # Room for the key, headers and record overhead on top of the largest value.
-        # Batches of up to librdkafka's batch.size: at kafka-python's 16 KB, replies of ~10 KB
-        # travel one per request and a busy server's acknowledgements fall behind.
-        self._producer_config = dict(acks="all", max_block_ms=10000,
-                                     max_request_size=max_message_bytes + 64 * 1024,
-                                     batch_size=min(1_000_000, max_message_bytes + 64 * 1024))
-        self._producer_config.update(producer_config)
-        self._consumer: Any = None
-        self._producer: Any = None
-        self._fatal_errors: Tuple[type, ...] = ()
-        self._denied_errors: Tuple[type, ...] = ()  # the ACLs refuse a write
-        self._permanent_errors: Tuple[type, ...] = ()
-        self._producer_broken: Optional[str] = None  # why the producer must be replaced
-        self._producer_failing_since: Optional[float] = None  # no acknowledgement since then
-        self._replace_after = 0.0  # no new producer before then (the last attempt failed)
-        self._invalid_log = LogThrottle()
-        self._offsets = OffsetTracker()
-        self._backlog: Deque[Tuple[Any, Message, Done, Route]] = collections.deque()
-        self._paused = False
-        self._last_commit = 0.0
-        self._lock = threading.Lock()
-        # Per lane (topic + session or named partition): failed sends, then those behind them.
-        self._held: Dict[Any, List[_Send]] = {}
-        self._seq = 0  # send order
-        # reply topic -> (until when known, its partitions or why it has none)
-        self._reply_topics: Dict[str, Tuple[float, Any]] = {}
-        self._unroutable_log = LogThrottle()
-        self._denied_log = LogThrottle(burst=10, period=30.0)
-        self._unacked = 0  # sends not yet acknowledged, retries included
-        self._unacked_bytes = 0  # their values' size
-        self._shutdown = threading.Event()
-        self._close_requested = threading.Event()
-        self._close_deadline = 0.0
-        self._closed = threading.Event()
-        self.ready = threading.Event()  # set while the partitions and positions are known
-        self._was_ready = False  # ready once since start
-        self._looked_up = 0.0  # when the input topic's metadata was last fetched again
-        self.counts = collections.Counter(dict.fromkeys(  # since start
-            ("received", "replied", "invalid", "dead_lettered", "send_retries"), 0))
-        self._stats_topic_ok = False  # looked up once, when ready
-        self._partitions: List[Dict[str, Any]] = []  # the consumer thread's last look
-        self._looked = 0.0
-
-    # Public API --------------------------------------------------------
-
-    def serve_forever(self) -> None:
-        """Connect, consume until ``shutdown``, then on ``close`` drain, commit and close."""
-        try:
-            if self._connect():
-                self._consume()
-            # Replies of what was taken are still coming: keep retrying until close().
-            while not self._close_requested.wait(0.05):
-                self._resend_failed()
-            if self._consumer is not None:
-                self._finish()
-        finally:
-            self._closed.set()
-
-    def send(self, message: Message, done: Done = nothing, route: Route = DEFAULT_ROUTE) -> None:
-        """Produce one message where its ``route`` says, keyed by its id (unkeyed without).
-
-        The topic is the route's reply topic, else the output topic; the partition the
-        route's, else the session's (murmur2 of its key, as Java and kafka-python pick it;
-        0 for the default session), so a session's records keep their order.  A keyed
-        session's records carry the ``codex-session`` header, a reply its request's
-        correlation headers.  Retried until the broker acknowledges it (or the shutdown
-        deadline), never overtaken by a later record of its session not yet handed to the
-        producer; then ``done`` runs.  A reply over ``max_message_bytes`` becomes an error.
-        """
-        reply = "method" not in message
-        if (route.topic is not None or route.partition is not None) \
-                and self._producer is not None and self.session is None:
-            topic = route.topic or self.output_topic
-            problem = self._reply_topic_problem(topic, route.partition)
-            if problem:
-                self._unroutable_log.warning(log, "session %s: reply topic %s %s; the %s goes "
-                                             "to %s as an error", _shown(route.session),
-                                             topic, problem, kind(message), self.output_topic)
-                if not reply or "id" not in message:
-                    done()  # a notification or Codex's request: nobody to tell but the log
-                    return
-                message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
-                                         f"{topic} {problem}: the reply cannot go there")
-                route = Route(route.session, correlation=route.correlation)
-        if self.session is not None:
-            route = Route(self.session)
-        key = self.session if self.session is not None else reply_key(message)
-        value = encode_reply(message)
-        if value is not None and len(value) > self.max_message_bytes:
-            value = self._too_large(message, key, len(value))
-        if value is None:
-            done()
-            return
-        headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
-        if reply:  # only the reply itself answers the correlation
-            headers.extend(route.correlation)
-        headers.extend(self._reply_to)
-        topic = route.topic or self.output_topic
-        lane = (topic, route.session if route.partition is None else route.partition)
-        record = _Send(topic, key, value, headers or None, done, route.session, route.partition,
-                       lane, reply)
-        record.reply_id = message.get("id") if reply else None
-        self._produce(record)
-
-    def owns(self, route: Route) -> bool:
-        """Whether the record ``route`` came with is still this server's to answer: after its
-        partition moved to another server, that one reads it again."""
-        return route.source is None or route.source in self._assigned
-
-    def load(self, session: Optional[bytes]) -> Optional[bytes]:
-        """The state last saved for ``session`` in the session topic (None: none)."""
-        return self._states.get(session or b"")
-
-    def save(self, session: Optional[bytes], state: bytes, done: Done = nothing) -> None:
-        """Save ``session``'s state to the session topic, keyed by the session (the default
-        session by the empty key), at least once and in order; then ``done`` runs."""
-        if self.session_topic is None:
-            done()
-        else:
-            key = session or b""
-            with self._states_lock:
-                self._states[key] = state
-                if self._saved_meanwhile is not None:
-                    self._saved_meanwhile.add(key)
-            self._produce(_Send(self.session_topic, key, state, None, done, key, None,
-                                (self.session_topic, key)))
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters, pause state, unacknowledged sends and, per input partition, position,
-        committed offset and lag (behind the high watermark of the last fetch)."""
-        return dict(self.counts, paused=self._paused, unacknowledged=self._unacked,
-                    unacknowledged_bytes=self._unacked_bytes,
-                    partitions=self._partitions)
-
-    def publish(self, value: bytes) -> None:
-        """Produce one statistics record to the stats topic (keyed by the client id), if it
-        exists; dropped, not retried, when that fails: the next one follows soon, and
-        replies must not wait behind it."""
-        def failed(error: Any) -> None:
-            self._invalid_log.warning(log, "cannot send statistics to %s: %s",
-                                      self.stats_topic, error)
-        producer = self._producer
-        if producer is not None and self._stats_topic_ok:
-            try:
-                key = self._producer_config.get("client_id", "codex-app-server").encode()
-                producer.send(self.stats_topic, key=key, value=value).add_errback(failed)
-            except Exception as exc:
-                failed(exc)
-
-    def shutdown(self) -> None:
-        """Stop taking new records; the loop returns within one poll interval."""
-        self._shutdown.set()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to ``timeout``) for unacknowledged sends, then commit and close."""
-        self._shutdown.set()
-        self._close_deadline = time.monotonic() + timeout
-        self._close_requested.set()
-        self._closed.wait(timeout + 5.0)
-
-    # Producing ---------------------------------------------------------
-
-    def _produce(self, send: "_Send", first: bool = True) -> bool:
-        """Hand ``send`` to the producer; False when that failed at once (it is then held
-        for a retry).  A first attempt whose lane holds earlier sends waits behind them."""
-        if first:
-            with self._lock:
-                self._unacked += 1
-                self._unacked_bytes += len(send.value or b"")
-                send.seq = self._seq = self._seq + 1
-                lane = self._held.get(send.lane)
-                if lane:  # an earlier record of its session waits for a retry
-                    bisect.insort(lane, send)
-                    return True
-        producer = send.producer = self._producer
-        if producer is None:
-            self._failed(send, "not connected to kafka yet")
-            return False
-        try:
-            partition = send.partition
-            if partition is None and send.lane is not None:
-                partition = _session_partition(producer, send.topic, send.session)
-            future = producer.send(send.topic, value=send.value, key=send.key,
-                                   headers=send.headers, partition=partition)
-        except Exception as exc:
-            self._failed(send, exc)
-            return False
-        future.add_callback(lambda metadata: self._acknowledged(send))
-        future.add_errback(lambda error: self._failed(send, error))
+    def has_room(self) -> bool:
+        """Below the low-water mark: a paused transport may resume."""
         return True
 
-    def _reply_topic_problem(self, topic: str, partition: Optional[int]) -> str:
-        """Why ``topic`` (``partition`` of it, when not None) cannot take records, or "".
-        The first look at a topic may wait for its metadata (up to max.block.ms); what was
-        found is kept a minute."""
-        now = time.monotonic()
-        until, known = self._reply_topics.get(topic, (0.0, ""))
-        if until <= now:
-            try:
-                known = frozenset(self._producer.partitions_for(topic) or ())
-            except Exception as exc:
-                known = f"is unknown to the brokers ({type(exc).__name__})"
-            if len(self._reply_topics) > 10000:
-                self._reply_topics.clear()
-            self._reply_topics[topic] = (now + 60.0, known)
-        if isinstance(known, str):
-            return known
-        if not known:
-            return "has no partitions"
-        if partition is not None and partition not in known:
-            return f"has no partition {partition}"
-        return ""
 
-    def _acknowledged(self, send: "_Send") -> None:
-        with self._lock:
-            if send.finished:
-                return  # (given up once already: its done has run)
-            send.finished = True
-            self._unacked -= 1
-            self._unacked_bytes -= len(send.value or b"")
-            self.counts["replied"] += send.reply
-        if send.producer is self._producer:
-            self._producer_failing_since = None
-        send.done()
+class SessionOwner:
+    """Whoever keeps what is in flight per session (the backend): told of rebalances."""
 
-    def _failed(self, send: "_Send", error: Any) -> None:
-        if isinstance(error, self._denied_errors) and not self._denied(send, error):
-            return
-        if isinstance(error, self._permanent_errors):
-            # Sending it again cannot work: give it up, or its offset would never commit.
-            log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
-                      error)
-            send.reply = False  # not counted as replied
-            self._acknowledged(send)
-            return
-        if send.producer is self._producer and send.producer is not None:
-            # (a send that raced a replacement says nothing about the new producer)
-            self._producer_broken = self._producer_broken or self._why_fatal(error, send.producer)
-        send.attempt += 1
-        delay = min(0.1 * 2 ** min(send.attempt, 6), 5.0)
-        send.due = time.monotonic() + delay
-        log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
-                    _shown(send.key), send.topic, error, send.attempt, delay)
-        with self._lock:
-            self.counts["send_retries"] += 1
-            # Its session's later records wait behind it, in their order.
-            lane = self._held.setdefault(send.lane, [])
-            if send not in lane:  # (a retry that failed again is still in it)
-                bisect.insort(lane, send)
+    def settle(self, transport: Any, deadline: float) -> None:
+        """A rebalance begins: answer what is in flight by ``deadline``."""
 
-    def _denied(self, send: "_Send", error: Any) -> bool:
-        """The brokers' ACLs refuse the write: to the server's own topics it is retried, with
-        an ERROR naming the grant (nothing is lost: its offset waits; True); a reply to a
-        client's reply topic becomes an error reply to the output topic instead, in the
-        session's place there (False); anything else is given up (False)."""
-        if send.topic == self.output_topic or send.topic in self._own_topics:
-            principal = self._producer_config.get("sasl_plain_username") or "NAME"
-            self._denied_log.warning(
-                log, "the brokers' ACLs do not let this server write topic %s (%s): replies "
-                "wait, and their requests stay uncommitted; grant it with: kafka-acls.sh "
-                "--bootstrap-server HOST:PORT --add --allow-principal User:%s --operation "
-                "Write --operation Describe --topic %s", send.topic, error, principal,
-                send.topic, level=logging.ERROR)
-            return True
-        if send.reply and send.reply_id is not None:
-            message = error_response(send.reply_id, INVALID_REQUEST, f"reply topic {send.topic} "
-                                     "may not be written by this server (the brokers' ACLs)")
-            log.warning("session %s: reply topic %s: %s; the reply goes to %s as an error",
-                        _shown(send.session), send.topic, error, self.output_topic)
-            value = encode(message)
-            with self._lock:
-                self._unacked_bytes += len(value) - len(send.value)
-                send.topic, send.value, send.partition = self.output_topic, value, None
-                send.lane, send.due = (self.output_topic, send.session), 0.0
-                bisect.insort(self._held.setdefault(send.lane, []), send)
-            return False
-        log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
-                  error)
-        send.reply = False
-        self._acknowledged(send)
-        return False
+    def revoked(self, transport: Any, partitions: Set[int]) -> None:
+        """These input partitions moved to another server: their sessions end here."""
 
-    def _why_fatal(self, error: Any, producer: Any) -> Optional[str]:
-        """Why ``producer`` is beyond recovery, or None: a fatal error class, kafka-python's
-        own fatal state, or failures with no acknowledgement for PRODUCER_STUCK_SECONDS."""
-        if isinstance(error, self._fatal_errors):
-            return f"fatal error {type(error).__name__}"
-        try:
-            if producer._transaction_manager.has_fatal_error():
-                return f"kafka-python marked it failed ({error})"
-        except Exception:
-            pass  # a kafka client without that mark (kafka-python 3 has it)
-        now = time.monotonic()
-        if self._producer_failing_since is None:
-            self._producer_failing_since = now
-        if now - self._producer_failing_since >= PRODUCER_STUCK_SECONDS:
-            return f"no send acknowledged for {PRODUCER_STUCK_SECONDS:.0f} s ({error})"
-        return None
 
-    def _resend_failed(self, replace: bool = True) -> None:
-        if self._producer_broken and replace and time.monotonic() >= self._replace_after:
-            self._replace_producer()
-        now = time.monotonic()
-        with self._lock:
-            due = [lane for lane, sends in self._held.items() if sends[0].due <= now]
-        budget = 100  # a bounded pass: the consumer must get back to poll()
-        for lane in due:
-            # One at a time from the front, the lane kept while it drains: a first attempt
-            # arriving meanwhile still queues behind.  A send that fails again stops it.
-            # (Only this thread takes from a lane, so a lane in _held is never empty.)
-            while budget > 0:
-                budget -= 1
-                with self._lock:
-                    send = self._held[lane][0]
-                attempt = send.attempt
-                handed = self._produce(send, first=False)
-                with self._lock:
-                    sends = self._held[lane]
-                    gone = send.finished or send.lane != lane  # given up, or now an error
-                    if not gone and (not handed or send.attempt != attempt):
-                        break  # failed again (its future may fail at once): stays first
-                    # By identity: an earlier send may have been put in front meanwhile.
-                    sends[:] = [held for held in sends if held is not send]
-                    if not sends:
-                        del self._held[lane]
-                        break
-
-    def _replace_producer(self) -> None:
-        # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
-        kafka = _import_kafka()
-        log.warning("replacing the kafka producer: %s", self._producer_broken)
-        old = self._producer
-        try:
-            self._producer = kafka.KafkaProducer(**self._producer_config)
-        except kafka.errors.KafkaError as exc:
-            log.warning("cannot create a new kafka producer: %s; trying again in 10 s", exc)
-            self._replace_after = time.monotonic() + 10.0
-            return
-        self._producer_broken = None
-        # Counted from now: in a long outage, one new producer a PRODUCER_STUCK_SECONDS.
-        self._producer_failing_since = time.monotonic()
-        _close_producer(old, 0)
-
-    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
-        over = size - self.max_message_bytes
-        what = "request" if self.session is not None and "method" in message else "reply"
-        log.error("%s too large for kafka (key %s): %d bytes, %d over the limit of %d "
-                  "(--kafka-max-message-bytes)", what, _shown(key), size, over,
-                  self.max_message_bytes)
-        text = f"{what} too large for Kafka: {size} bytes, {over} bytes over the limit of " \
-               f"{self.max_message_bytes} (--kafka-max-message-bytes)"
-        if what == "request" and "id" in message:  # a client's (the proxy's): it hears so
-            self._sink.answer(self, error_response(message["id"], INVALID_REQUEST, text),
-                              nothing, DEFAULT_ROUTE)
-        if key is None or "method" in message:
-            return None
-        return encode(error_response(message["id"], INTERNAL_ERROR, text))
-
-    # The consumer thread -----------------------------------------------
-
-    def _connect(self) -> bool:
-        kafka = _import_kafka()
-        errors = kafka.errors
-        self._fatal_errors = tuple(getattr(errors, name) for name in (
-            "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
-            if hasattr(errors, name))
-        self._permanent_errors = (ValueError, TypeError) + tuple(getattr(errors, name) for name in (
-            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
-            if hasattr(errors, name))
-        self._denied_errors = (errors.TopicAuthorizationFailedError,)
-        if importlib.util.find_spec("crc32c") is None:
-            log.info("crc32c is not installed: kafka-python checksums each record in pure "
-                     "Python, about 10 ms of CPU per 100 KB (pip install crc32c, or the "
-                     "package's 'fast' extra, where the host can build or fetch it)")
-        context = ssl_context(self._consumer_config)
-        attempt_ms = int(min(5.0, max(1.0, self.connect_timeout / 3)) * 1000)
-        for config, client in ((self._producer_config, kafka.KafkaProducer),
-                               (self._consumer_config, kafka.KafkaConsumer)):
-            if context is not None:
-                config["ssl_context"] = context
-            if "bootstrap_timeout_ms" in client.DEFAULT_CONFIG:
-                # Short attempts: the loop below retries, with a warning each time.
-                config.setdefault("bootstrap_timeout_ms", attempt_ms)
-        servers = self._consumer_config["bootstrap_servers"]
-        deadline = time.monotonic() + self.connect_timeout
-        delay = 0.5
-        attempt = 0
-        while not self._shutdown.is_set():
-            attempt += 1
-            with _ClientLog() as client_log:
-                try:
-                    if context is not None:
-                        check_tls(servers, context, "ssl_certfile" in self._consumer_config,
-                                  timeout=attempt_ms / 1000)
-                    self._producer = kafka.KafkaProducer(**self._producer_config)
-                    self._consumer = kafka.KafkaConsumer(**self._consumer_config)
-                except (errors.KafkaError, OSError) as exc:
-                    cause = client_log.sasl_failure()
-                    if cause:
-                        raise FatalKafkaError(
-                            f"SASL {self._consumer_config.get('sasl_mechanism')} login as "
-                            f"{self._consumer_config.get('sasl_plain_username')!r} failed: "
-                            f"{cause}") from None
-                    cause = client_log.messages[0] if client_log.messages else str(exc)
-            if self._consumer is not None and self.session is not None:
-                return self._assign(kafka)
-            if self._consumer is not None:
-                if self.session_topic is not None:
-                    self._open_store(kafka)
-                self._consumer.subscribe([self.input_topic],
-                                         listener=_rebalance_listener(kafka, self))
-                log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
-                         self._consumer_config["group_id"])
-                return True
-            _close_producer(self._producer, 0)
-            self._producer = None
-            # A server waits for its brokers; a client (the proxy) is told.
-            if (self.session is not None or not _RETRYABLE.search(cause)) \
-                    and time.monotonic() > deadline:
-                raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
-                                      f"--kafka-connect-timeout: {cause}")
-            log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
-                        ",".join(servers), attempt, cause, delay)
-            self._shutdown.wait(delay)
-            delay = min(delay * 2, 30.0)
-        return False
-
-    def _assign(self, kafka: Any) -> bool:
-        """A client's reading: its session's partition, from the end, so that nothing
-        sent after ``ready`` is missed."""
-        partitions = self._consumer.partitions_for_topic(self.input_topic)
-        if not partitions:
-            raise FatalKafkaError(f"topic {self.input_topic} does not exist")
-        partition = kafka.TopicPartition(self.input_topic,
-                                         partition_of(self.session, len(partitions)))
-        self._consumer.assign([partition])
-        self._consumer.seek_to_end(partition)
-        log.info("kafka consumer reading %s partition %d for session %s", self.input_topic,
-                 partition.partition, _shown(self.session))
-        return True
-
-    def _open_store(self, kafka: Any) -> None:
-        """The session topic's reader; FatalKafkaError when the topic is missing or the broker
-        says it is not compacted (an old state would then be lost, or outlive its sessions),
-        or it cannot be opened."""
-        topic = self.session_topic
-        try:
-            policy = _cleanup_policy(kafka, topic, {
-                key: value for key, value in self._consumer_config.items()
-                if key in kafka.KafkaAdminClient.DEFAULT_CONFIG})
-            reader = dict(self._consumer_config)
-            reader.pop("group_id", None)
-            self._store = kafka.KafkaConsumer(**reader)
-            partitions = [kafka.TopicPartition(topic, partition) for partition in
-                          sorted(self._store.partitions_for_topic(topic) or ())]
-        except kafka.errors.KafkaError as exc:
-            raise FatalKafkaError(f"cannot open session topic {topic}: {exc}") from None
-        if policy is None:
-            log.warning("the brokers do not report the cleanup.policy of session topic %s: "
-                        "make sure it is compacted (cleanup.policy=compact)", topic)
-        elif "compact" not in policy:
-            raise FatalKafkaError(f"session topic {topic} has cleanup.policy={policy}: it must "
-                                  "be compacted (cleanup.policy=compact), or it loses the state "
-                                  "of sessions as it deletes old records")
-        self._store.assign(partitions)
-        self._store.seek_to_beginning(*partitions)
-
-    def _read_store(self) -> bool:
-        """Read the session topic to its end as of now: every session's last saved state;
-        False when it cannot be read (now).  What this server saves meanwhile is newer
-        than what is read, so it is kept."""
-        store, started = self._store, time.monotonic()
-        with self._states_lock:
-            self._saved_meanwhile = set()
-        read = 0
-        try:
-            ends = store.end_offsets(list(store.assignment()))
-            while any(store.position(tp) < end for tp, end in ends.items()):
-                if time.monotonic() - started > 60:
-                    raise TimeoutError("not read to its end within 60 s")
-                for records in store.poll(timeout_ms=100).values():
-                    with self._states_lock:
-                        for record in records:
-                            if record.key is not None \
-                                    and record.key not in self._saved_meanwhile:
-                                self._states[record.key] = record.value
-                                read += 1
-        except Exception as exc:  # the broker is away: records wait, and it is read again
-            log.warning("session topic %s cannot be read (%s): the input waits",
-                        self.session_topic, exc)
-            return False
-        finally:
-            with self._states_lock:
-                self._saved_meanwhile = None
-        self._store_behind = False
-        log.info("session topic %s read (%d records, %.2f s)", self.session_topic, read,
-                 time.monotonic() - started)
-        return True
-
-    def _consume(self) -> None:
-        consumer = self._consumer
-        errors = _import_kafka().errors
-        while not self._shutdown.is_set():
-            self._resend_failed()
-            self._offer_backlog()
-            try:
-                # Never sleep between polls: kafka-python completes group joins inside poll().
-                batches = consumer.poll(timeout_ms=self._poll_ms)
-            except (errors.GroupAuthorizationFailedError,
-                    errors.TopicAuthorizationFailedError) as exc:
-                self._not_authorized(exc)
-                self._shutdown.wait(0.5)
-                continue
-            except errors.KafkaError as exc:
-                log.warning("kafka poll failed: %s", exc)
-                self._shutdown.wait(0.5)
-                continue
-            except Exception:  # a client bug on one fetch must not end the service
-                log.exception("kafka poll failed unexpectedly")
-                self._shutdown.wait(0.5)
-                continue
-            if self._store is not None and self._store_behind and not self._read_store():
-                for partition, records in batches.items():  # taken after it is read
-                    consumer.seek(partition, records[0].offset)
-                self._shutdown.wait(1.0)
-                continue
-            assignment = consumer.assignment()
-            if not self.ready.is_set() and assignment:
-                self._announce_ready()
-            elif not assignment and self.ready.is_set() \
-                    and time.monotonic() - self._looked_up >= 2.0:
-                self._look_up_input(consumer)
-            if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
-                self._look(consumer)
-            for partition, records in batches.items():
-                self.counts["received"] += len(records)
-                dones = self._offsets.taken(partition, [record.offset for record in records])
-                for record, done in zip(records, dones):
-                    self._take(partition, record, done)
-            self._offer_backlog()
-            self._commit()
-
-    def _look_up_input(self, consumer: Any) -> None:
-        """The input topic's metadata, fetched again while the group gave this server none of
-        it: a topic created just before the server joined is unknown to the assignment until
-        the client's metadata is renewed (every 5 minutes by default), and a renewal that
-        finds it makes the group rebalance."""
-        self._looked_up = time.monotonic()
-        try:
-            consumer.partitions_for_topic(self.input_topic)
-        except Exception as exc:  # the next look will do
-            log.debug("cannot look up topic %s: %r", self.input_topic, exc)
-
-    def _not_authorized(self, error: Any) -> None:
-        """The brokers' ACLs refuse this server its group or its input topic: before it was
-        ever ready, exit 3 naming what is missing and the line that grants it; later (an ACL
-        revoked), an ERROR each time, and it keeps trying."""
-        errors = _import_kafka().errors
-        group = isinstance(error, errors.GroupAuthorizationFailedError)
-        what = f"--group {self._consumer_config['group_id']}" if group \
-            else f"--topic {self.input_topic}"
-        principal = self._consumer_config.get("sasl_plain_username") or "NAME"
-        text = (f"the brokers' ACLs do not let this server read {what[2:]} ({error}): grant "
-                f"it with: kafka-acls.sh --bootstrap-server HOST:PORT --add --allow-principal "
-                f"User:{principal} --operation Read{'' if group else ' --operation Describe'} "
-                f"{what}")
-        if not self._was_ready:
-            raise FatalKafkaError(text)
-        self._denied_log.warning(log, "%s", text, level=logging.ERROR)
-
-    def _look(self, consumer: Any) -> None:
-        """Positions and lag for stats(): read here, the one thread the consumer allows."""
-        self._looked = time.monotonic()
-        looks = []
-        try:
-            for tp in sorted(consumer.assignment()):
-                position, end = consumer.position(tp), consumer.highwater(tp)
-                looks.append({"partition": tp.partition, "position": position,
-                              "committed": self._offsets.committed(tp),
-                              "lag": None if end is None or position is None else
-                              end - position})
-        except Exception as exc:  # a rebalance under way, say: the next look will do
-            log.debug("statistics: cannot read the input positions: %r", exc)
-            return
-        self._partitions = looks
-
-    def _take(self, partition: Any, record: Any, done: Done) -> None:
-        if self.session is not None:
-            self._take_reply(record, done)
-            return
-        value = record.value or b""
-        message = None
-        try:
-            if len(value) > self.max_input_bytes:
-                raise oversized(value[:1024], len(value), self.max_input_bytes)
-            message = decode(value)
-            if "method" not in message or "id" not in message:  # only a request is replied to
-                route = _fallback_route(record.key, None)
-            else:
-                route = parse_route(record.key, record.headers, self.reply_topic_pattern)
-                if route.topic is not None and (route.topic in self._own_topics
-                                                or route.topic.startswith("__")):
-                    raise InvalidMessage(f"reply topic {route.topic} is not allowed: the "
-                                         "server's own topics (input, session, dead-letter, "
-                                         "statistics) and internal topics never are")
-            route.source = record.partition
-        except InvalidMessage as exc:
-            if message is not None and kind(message) == REQUEST:
-                exc.id = message["id"]  # a usable message with an unusable route
-            self._reject(record, exc, done)
-            if exc.answers is not None:  # an answer to Codex: Codex hears it failed
-                self._sink.answer(self, error_response(exc.answers, exc.code, exc.reason),
-                                  nothing, _fallback_route(record.key, None))
-            return
-        except Exception as exc:  # a poison pill must be passed, never retried forever
-            log.exception("unexpected error reading kafka record: topic %s partition %d "
-                          "offset %d", record.topic, record.partition, record.offset)
-            self._reject(record, InvalidMessage(f"unreadable record ({type(exc).__name__})",
-                                                PARSE_ERROR), done)
-            return
-        if "method" not in message:
-            # A client's answer to Codex: Codex is waiting for it, maybe holding the very
-            # requests the queue is full of, so it never waits behind them.
-            self._sink.answer(self, message, done, route)
-            return
-        self._backlog.append((partition, message, done, route))
-
-    def _take_reply(self, record: Any, done: Done) -> None:
-        """A client's record (the proxy's): only its session's, each to the sink at once, so
-        in the server's order.  One that cannot be read is answered here: an error for the
-        request it answers, or back to the server for Codex's request."""
-        if (SESSION_HEADER, self.session) not in (record.headers or ()):
-            done()  # another session's
-            return
-        value = record.value or b""
-        try:
-            if len(value) > self.max_input_bytes:
-                raise oversized(value[:1024], len(value), self.max_input_bytes)
-            message = decode(value, max_depth=None)  # the server relays Codex's, as Codex's
-        except InvalidMessage as exc:
-            self.counts["invalid"] += 1
-            self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
-                                      "offset %d: %s", record.topic, record.partition,
-                                      record.offset, exc.reason)
-            complete = len(value) <= self.max_input_bytes
-            what, msg_id = peek(value if complete else value[:4096], complete)
-            if msg_id is not None and what == REQUEST:
-                self.send(error_response(msg_id, exc.code, exc.reason))
-            if msg_id is None or what != RESPONSE:
-                done()
-                return
-            message = error_response(msg_id, INTERNAL_ERROR, f"the server's reply cannot be "
-                                                             f"read: {exc.reason}")
-        self._sink.answer(self, message, done, DEFAULT_ROUTE)
-
-    def _offer_backlog(self) -> None:
-        if self._backlog:
-            taken = self._sink.offer(self, [item[1:] for item in self._backlog])
-            for _ in range(taken):
-                self._backlog.popleft()
-        assigned = self._consumer.assignment()
-        # Replies the broker has not acknowledged are held too (a broker that takes
-        # nothing must not make them pile up): they count against the same bound.
-        unacked, unacked_bytes = self._unacked, self._unacked_bytes
-        if (self._backlog or unacked >= self.max_unacked
-                or unacked_bytes >= self.max_unacked_bytes) and not self._paused and assigned:
-            log.info("%s: pausing %s", "processor queue full" if self._backlog else
-                     f"{unacked} replies ({unacked_bytes} bytes) not yet acknowledged by kafka",
-                     self.input_topic)
-            self._consumer.pause(*assigned)
-            self._paused = True
-        elif self._paused and not self._backlog and self._sink.has_room() \
-                and unacked < self.max_unacked // 2 \
-                and unacked_bytes < self.max_unacked_bytes // 2:
-            log.info("processor queue has room: resuming %s", self.input_topic)
-            self._consumer.resume(*self._consumer.paused())
-            self._paused = False
-
-    def _reject(self, record: Any, error: InvalidMessage, done: Done) -> None:
-        self.counts["invalid"] += 1
-        self._invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
-                                  "offset %d: %s", record.topic, record.partition,
-                                  record.offset, error.reason)
-        if self.dead_letter_topic and error.id is not None:
-            done = after(2, done)  # the record is done once both sends are acknowledged
-        if self.dead_letter_topic:
-            headers = [("__connect.errors.topic", record.topic.encode()),
-                       ("__connect.errors.partition", str(record.partition).encode()),
-                       ("__connect.errors.offset", str(record.offset).encode()),
-                       ("__connect.errors.exception.class.name", b"InvalidMessage"),
-                       ("__connect.errors.exception.message",
-                        error.reason.encode("utf-8", "replace"))]
-            # A record with neither key nor value cannot be produced as is: keep it, empty.
-            value = record.value if record.value is not None or record.key is not None else b""
-            self.counts["dead_lettered"] += 1
-            self._produce(_Send(self.dead_letter_topic, record.key, value, headers, done))
-        if error.id is not None:  # on the output topic: the record's reply topic may be why
-            self.send(error_response(error.id, error.code, error.reason), done,
-                      _fallback_route(record.key, record.headers))
-        elif not self.dead_letter_topic:
-            done()
-
-    def _announce_ready(self) -> None:
-        if self.stats_topic and not self._stats_topic_ok:  # once, on this thread: it may block
-            try:
-                self._stats_topic_ok = bool(self._producer.partitions_for(self.stats_topic))
-            except Exception as exc:
-                log.warning("stats topic %s is unknown to the brokers (%s): statistics are only "
-                            "logged", self.stats_topic, exc)
-        consumer = self._consumer
-        # position() resolves the committed or reset offset now, so under "latest" a
-        # record produced after the ready line is never skipped.
-        positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
-        self._was_ready = True
-        log.info("kafka transport ready: topic %s partitions %s", self.input_topic,
-                 ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
-        self.ready.set()
-
-    def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False,
-                force: bool = False) -> None:
-        now = time.monotonic()
-        if self._consumer_config.get("group_id") is None:
-            return  # a client's reading: no group, nothing to commit
-        if not (sync or force) and now - self._last_commit < 0.1:
-            return  # at most ten asynchronous commits a second
-        self._last_commit = now
-        points = self._offsets.commit_points(partitions, again=sync)
-        if not points:
-            return
-        offsets = {tp: _offset_and_metadata(offset) for tp, offset in points.items()}
-        try:
-            if sync:
-                self._consumer.commit(offsets=offsets)
-            else:
-                self._consumer.commit_async(offsets=offsets, callback=self._committed)
-        except Exception as exc:
-            self._offsets.commit_failed(points)
-            log.warning("kafka offset commit failed: %s", exc)
-
-    def _committed(self, offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            self._offsets.commit_failed({tp: meta.offset for tp, meta in offsets.items()})
-            log.warning("kafka offset commit failed: %s", response)
-
-    def _finish(self) -> None:
-        log.info("flushing kafka producer")
-        while time.monotonic() < self._close_deadline:
-            # No new producer now: making one may take longer than the time left.
-            self._resend_failed(replace=False)
-            if not self._unacked:
-                break
-            try:
-                self._producer.flush(timeout=0.2)
-            except Exception:
-                pass  # flush timing out only means sends are still in flight
-        if self._unacked:
-            log.warning("shutdown timeout: %d messages not acknowledged by kafka", self._unacked)
-        _close_producer(self._producer, 1)
-        log.info("committing kafka offsets")
-        self._commit(sync=True, force=True)
-        log.info("closing kafka consumer")
-        self._consumer.close(autocommit=False)
-        if self._store is not None:
-            self._store.close(autocommit=False)
-
-    def _partitions_revoked(self, revoked: Any) -> None:
-        # Eager rebalancing takes every partition, then gives a set back (assigned).  What
-        # is in flight is answered first (bounded), and what is done committed, so that a
-        # partition that moves goes with its answers committed; the new owner reads the
-        # rest again.  Asynchronously: kafka-python 3 runs listeners on its IO thread,
-        # where a blocking commit is refused.
-        if hasattr(self._sink, "settle"):
-            self._sink.settle(self, time.monotonic() + REBALANCE_WAIT)
-        self._commit(set(revoked), force=True)
-        self._paused = False
-        self.ready.clear()
-
-    def _partitions_assigned(self, assigned: Any) -> None:
-        """The partitions taken and not given back moved to another server: their offsets,
-        queued records and sessions are forgotten here.  Those kept go on where they were
-        (kafka-python 3 keeps their position, kafka-python-ng would read them again)."""
-        new = frozenset(tp.partition for tp in assigned)
-        moved = self._assigned - new
-        self._offsets.forget(tp for tp in self._offsets.partitions() if tp.partition in moved)
-        self._backlog = collections.deque(item for item in self._backlog
-                                          if item[0].partition not in moved)
-        for tp in assigned:
-            position = self._offsets.next_offset(tp)
-            if position is not None:
-                self._consumer.seek(tp, position)
-        self._assigned = new
-        self._store_behind = True
-        if moved and hasattr(self._sink, "revoked"):  # their sessions end here
-            self._sink.revoked(self, set(moved))
-
+# --- the transport: producing ----------------------------------------------------
 
 class _Send:
     """One record to produce, with what to call once the broker has it."""
@@ -1748,18 +935,984 @@ class _Send:
         self.attempt = 0
         self.due = 0.0
         self.seq = 0
-        self.producer: Any = None  # the producer of the last attempt
+        self.producer: Any = None  # the client of the last attempt
 
     def __lt__(self, other: "_Send") -> bool:  # for bisect: send order
         return self.seq < other.seq
 
 
+class OrderedProducer:
+    """The producing side of a transport: each record kept in its lane's order (a
+    session's records in one topic, or a named partition's), retried until the brokers
+    acknowledge it, then its ``done``; a kafka-python producer beyond recovery replaced;
+    what the brokers know of reply topics, cached.
+
+    Sends come from any thread, acknowledgements from kafka-python's IO thread; retries and
+    replacement run on the consumer thread only (``resend_due``).  ``_lock`` guards the
+    lanes, the send order, the unacknowledged counts, ``counts`` and each send's
+    ``finished``; nothing is called out (``done``, the client) while it is held."""
+
+    def __init__(self, config: Dict[str, Any], output_topic: str, own_topics: frozenset):
+        self.config = config
+        self.output_topic = output_topic
+        self._own_topics = own_topics  # a denied write there is retried, never given up
+        self.client: Any = None  # kafka-python's KafkaProducer
+        self._fatal_errors: Tuple[type, ...] = ()
+        self._denied_errors: Tuple[type, ...] = ()  # the ACLs refuse a write
+        self._permanent_errors: Tuple[type, ...] = ()
+        self._broken: Optional[str] = None  # why the client must be replaced
+        self._failing_since: Optional[float] = None  # no acknowledgement since then
+        self._replace_after = 0.0  # no new client before then (the last attempt failed)
+        self._lock = threading.Lock()  # lanes, send order, counts (see above)
+        # Per lane (topic + session or named partition): failed sends, then those behind them.
+        self._held: Dict[Any, List[_Send]] = {}
+        self._seq = 0  # send order
+        # reply topic -> (until when known, its partitions or why it has none)
+        self._reply_topics: Dict[str, Tuple[float, Any]] = {}
+        self._denied_log = LogThrottle(burst=10, period=30.0)
+        self._stats_log = LogThrottle()
+        self.unacked = 0  # sends not yet acknowledged, retries included
+        self.unacked_bytes = 0  # their values' size
+        self.counts = collections.Counter(replied=0, send_retries=0)  # since start
+
+    def stats(self) -> Dict[str, int]:
+        """What was replied and retried, and what is not acknowledged yet."""
+        with self._lock:
+            return dict(self.counts, unacknowledged=self.unacked,
+                        unacknowledged_bytes=self.unacked_bytes)
+
+    def open(self, kafka: Any) -> None:
+        """Make the kafka-python producer (KafkaError when the brokers cannot be reached)."""
+        errors = kafka.errors
+        self._fatal_errors = tuple(getattr(errors, name) for name in (
+            "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
+            if hasattr(errors, name))
+        self._permanent_errors = (ValueError, TypeError) + tuple(getattr(errors, name) for name in (
+            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
+            if hasattr(errors, name))
+        self._denied_errors = (errors.TopicAuthorizationFailedError,)
+        self.client = kafka.KafkaProducer(**self.config)
+
+    def discard(self) -> None:
+        """Drop the client of a connection attempt that failed."""
+        _close_producer(self.client, 0)
+        self.client = None
+
+    def send(self, send: _Send, first: bool = True) -> bool:
+        """Hand ``send`` to the client; False when that failed at once (it is then held for
+        a retry).  A first attempt whose lane holds earlier sends waits behind them."""
+        if first:
+            with self._lock:
+                self.unacked += 1
+                self.unacked_bytes += len(send.value or b"")
+                send.seq = self._seq = self._seq + 1
+                lane = self._held.get(send.lane)
+                if lane:  # an earlier record of its session waits for a retry
+                    bisect.insort(lane, send)
+                    return True
+        client = send.producer = self.client
+        if client is None:
+            self._failed(send, "not connected to kafka yet")
+            return False
+        try:
+            partition = send.partition
+            if partition is None and send.lane is not None:
+                partition = _session_partition(client, send.topic, send.session)
+            future = client.send(send.topic, value=send.value, key=send.key,
+                                 headers=send.headers, partition=partition)
+        except Exception as exc:
+            self._failed(send, exc)
+            return False
+        future.add_callback(lambda metadata: self._acknowledged(send))
+        future.add_errback(lambda error: self._failed(send, error))
+        return True
+
+    def publish(self, topic: str, value: bytes) -> None:
+        """One record, keyed by the client id, not retried: dropped with a warning when it
+        fails (statistics: the next one follows soon, and replies must not wait behind)."""
+        def failed(error: Any) -> None:
+            self._stats_log.warning(log, "cannot send statistics to %s: %s", topic, error)
+        try:
+            key = self.config.get("client_id", "codex-app-server").encode()
+            self.client.send(topic, key=key, value=value).add_errback(failed)
+        except Exception as exc:
+            failed(exc)
+
+    def reply_topic_problem(self, topic: str, partition: Optional[int]) -> str:
+        """Why ``topic`` (``partition`` of it, when not None) cannot take records, or "".
+        The first look at a topic may wait for its metadata (up to max.block.ms); what was
+        found is kept a minute."""
+        now = time.monotonic()
+        until, known = self._reply_topics.get(topic, (0.0, ""))
+        if until <= now:
+            try:
+                known = frozenset(self.client.partitions_for(topic) or ())
+            except Exception as exc:
+                known = f"is unknown to the brokers ({type(exc).__name__})"
+            if len(self._reply_topics) > 10000:
+                self._reply_topics.clear()
+            self._reply_topics[topic] = (now + 60.0, known)
+        if isinstance(known, str):
+            return known
+        if not known:
+            return "has no partitions"
+        if partition is not None and partition not in known:
+            return f"has no partition {partition}"
+        return ""
+
+    def resend_due(self, replace: bool = True) -> None:
+        """On the consumer thread: send again what failed and is due, in each lane's order
+        (a bounded pass); first a new client when this one is beyond recovery."""
+        if self._broken and replace and time.monotonic() >= self._replace_after:
+            self._replace()
+        now = time.monotonic()
+        with self._lock:
+            due = [lane for lane, sends in self._held.items() if sends[0].due <= now]
+        budget = 100  # a bounded pass: the consumer must get back to poll()
+        for lane in due:
+            # One at a time from the front, the lane kept while it drains: a first attempt
+            # arriving meanwhile still queues behind.  A send that fails again stops it.
+            # (Only this thread takes from a lane, so a lane in _held is never empty.)
+            while budget > 0:
+                budget -= 1
+                with self._lock:
+                    send = self._held[lane][0]
+                attempt = send.attempt
+                handed = self.send(send, first=False)
+                with self._lock:
+                    sends = self._held[lane]
+                    gone = send.finished or send.lane != lane  # given up, or now an error
+                    if not gone and (not handed or send.attempt != attempt):
+                        break  # failed again (its future may fail at once): stays first
+                    # By identity: an earlier send may have been put in front meanwhile.
+                    sends[:] = [held for held in sends if held is not send]
+                    if not sends:
+                        del self._held[lane]
+                        break
+
+    def flush(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until every send is acknowledged, then close."""
+        log.info("flushing kafka producer")
+        while time.monotonic() < deadline:
+            # No new client now: making one may take longer than the time left.
+            self.resend_due(replace=False)
+            if not self.unacked:
+                break
+            try:
+                self.client.flush(timeout=0.2)
+            except Exception:
+                pass  # flush timing out only means sends are still in flight
+        if self.unacked:
+            log.warning("shutdown timeout: %d messages not acknowledged by kafka", self.unacked)
+        _close_producer(self.client, 1)
+
+    def _acknowledged(self, send: _Send) -> None:
+        with self._lock:
+            if send.finished:
+                return  # (given up once already: its done has run)
+            send.finished = True
+            self.unacked -= 1
+            self.unacked_bytes -= len(send.value or b"")
+            self.counts["replied"] += send.reply
+        if send.producer is self.client:
+            self._failing_since = None
+        send.done()
+
+    def _failed(self, send: _Send, error: Any) -> None:
+        if isinstance(error, self._denied_errors) and not self._denied(send, error):
+            return
+        if isinstance(error, self._permanent_errors):
+            # Sending it again cannot work: give it up, or its offset would never commit.
+            self._give_up(send, error)
+            return
+        if send.producer is self.client and send.producer is not None:
+            # (a send that raced a replacement says nothing about the new client)
+            self._broken = self._broken or self._why_fatal(error, send.producer)
+        send.attempt += 1
+        delay = min(0.1 * 2 ** min(send.attempt, 6), 5.0)
+        send.due = time.monotonic() + delay
+        log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
+                    _shown(send.key), send.topic, error, send.attempt, delay)
+        with self._lock:
+            self.counts["send_retries"] += 1
+            # Its session's later records wait behind it, in their order.
+            lane = self._held.setdefault(send.lane, [])
+            if send not in lane:  # (a retry that failed again is still in it)
+                bisect.insort(lane, send)
+
+    def _give_up(self, send: _Send, error: Any) -> None:
+        log.error("dropping kafka message (key %s) to %s: %s", _shown(send.key), send.topic,
+                  error)
+        send.reply = False  # not counted as replied
+        self._acknowledged(send)
+
+    def _denied(self, send: _Send, error: Any) -> bool:
+        """The brokers' ACLs refuse the write: to the server's own topics it is retried, with
+        an ERROR naming the grant (nothing is lost: its offset waits; True); a reply to a
+        client's reply topic becomes an error reply to the output topic instead, in the
+        session's place there (False); anything else is given up (False)."""
+        if send.topic == self.output_topic or send.topic in self._own_topics:
+            principal = self.config.get("sasl_plain_username") or "NAME"
+            self._denied_log.warning(
+                log, "the brokers' ACLs do not let this server write topic %s (%s): replies "
+                "wait, and their requests stay uncommitted; grant it with: kafka-acls.sh "
+                "--bootstrap-server HOST:PORT --add --allow-principal User:%s --operation "
+                "Write --operation Describe --topic %s", send.topic, error, principal,
+                send.topic, level=logging.ERROR)
+            return True
+        if send.reply and send.reply_id is not None:
+            message = error_response(send.reply_id, INVALID_REQUEST, f"reply topic {send.topic} "
+                                     "may not be written by this server (the brokers' ACLs)")
+            log.warning("session %s: reply topic %s: %s; the reply goes to %s as an error",
+                        session_name(send.session), send.topic, error, self.output_topic)
+            value = encode(message)
+            with self._lock:
+                self.unacked_bytes += len(value) - len(send.value)
+                send.topic, send.value, send.partition = self.output_topic, value, None
+                send.lane, send.due = (self.output_topic, send.session), 0.0
+                bisect.insort(self._held.setdefault(send.lane, []), send)
+            return False
+        self._give_up(send, error)
+        return False
+
+    def _why_fatal(self, error: Any, client: Any) -> Optional[str]:
+        """Why ``client`` is beyond recovery, or None: a fatal error class, kafka-python's
+        own fatal state, or failures with no acknowledgement for PRODUCER_STUCK_SECONDS."""
+        if isinstance(error, self._fatal_errors):
+            return f"fatal error {type(error).__name__}"
+        try:
+            if client._transaction_manager.has_fatal_error():
+                return f"kafka-python marked it failed ({error})"
+        except Exception:
+            pass  # a kafka client without that mark (kafka-python 3 has it)
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since >= PRODUCER_STUCK_SECONDS:
+            return f"no send acknowledged for {PRODUCER_STUCK_SECONDS:.0f} s ({error})"
+        return None
+
+    def _replace(self) -> None:
+        # kafka-python never recovers a producer from e.g. UnknownProducerIdError.
+        kafka = _import_kafka()
+        log.warning("replacing the kafka producer: %s", self._broken)
+        old = self.client
+        try:
+            self.client = kafka.KafkaProducer(**self.config)
+        except kafka.errors.KafkaError as exc:
+            log.warning("cannot create a new kafka producer: %s; trying again in 10 s", exc)
+            self._replace_after = time.monotonic() + 10.0
+            return
+        self._broken = None
+        # Counted from now: in a long outage, one new client a PRODUCER_STUCK_SECONDS.
+        self._failing_since = time.monotonic()
+        _close_producer(old, 0)
+
+
+# --- the transport: the session store ------------------------------------------
+
+class SessionStore:
+    """Each session's state in a compacted topic, keyed by the session (the default session
+    by the empty key): read to its end before the input is taken (at start and after every
+    assignment), saved through the transport's producer, in order per session.
+
+    ``_lock`` guards the states and what is saved while the topic is read; it is never held
+    with another lock."""
+
+    def __init__(self, topic: str, producer: OrderedProducer):
+        self.topic = topic
+        self._producer = producer
+        self._states: Dict[bytes, bytes] = {}  # as read from it, and as saved since
+        self._reader: Any = None  # a consumer of every partition, no group
+        self.behind = True  # read it to its end before taking the next records
+        self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
+        self._lock = threading.Lock()  # the states (see above)
+
+    def load(self, session: Optional[bytes]) -> Optional[bytes]:
+        """The state last saved for ``session`` (None: none)."""
+        return self._states.get(session or b"")
+
+    def save(self, session: Optional[bytes], state: bytes, done: Done = nothing) -> None:
+        """Save ``session``'s state, at least once and in order; then ``done`` runs."""
+        key = session or b""
+        with self._lock:
+            self._states[key] = state
+            if self._saved_meanwhile is not None:
+                self._saved_meanwhile.add(key)
+        self._producer.send(_Send(self.topic, key, state, None, done, key, None,
+                                  (self.topic, key)))
+
+    def open(self, kafka: Any, consumer_config: Dict[str, Any]) -> None:
+        """The topic's reader; FatalKafkaError when the topic is missing or the brokers say
+        it is not compacted (an old state would then be lost, or outlive its sessions), or
+        it cannot be opened."""
+        topic = self.topic
+        try:
+            policy = _cleanup_policy(kafka, topic, {
+                key: value for key, value in consumer_config.items()
+                if key in kafka.KafkaAdminClient.DEFAULT_CONFIG})
+            reader = dict(consumer_config)
+            reader.pop("group_id", None)
+            self._reader = kafka.KafkaConsumer(**reader)
+            partitions = [kafka.TopicPartition(topic, partition) for partition in
+                          sorted(self._reader.partitions_for_topic(topic) or ())]
+        except kafka.errors.KafkaError as exc:
+            raise FatalKafkaError(f"cannot open session topic {topic}: {exc}") from None
+        if policy is None:
+            log.warning("the brokers do not report the cleanup.policy of session topic %s: "
+                        "make sure it is compacted (cleanup.policy=compact)", topic)
+        elif "compact" not in policy:
+            raise FatalKafkaError(f"session topic {topic} has cleanup.policy={policy}: it must "
+                                  "be compacted (cleanup.policy=compact), or it loses the state "
+                                  "of sessions as it deletes old records")
+        self._reader.assign(partitions)
+        self._reader.seek_to_beginning(*partitions)
+
+    def read(self) -> bool:
+        """Read the topic to its end as of now: every session's last saved state; False
+        when it cannot be read (now).  What this server saves meanwhile is newer than what
+        is read, so it is kept."""
+        reader, started = self._reader, time.monotonic()
+        with self._lock:
+            self._saved_meanwhile = set()
+        read = 0
+        try:
+            ends = reader.end_offsets(list(reader.assignment()))
+            while any(reader.position(tp) < end for tp, end in ends.items()):
+                if time.monotonic() - started > 60:
+                    raise TimeoutError("not read to its end within 60 s")
+                for records in reader.poll(timeout_ms=100).values():
+                    with self._lock:
+                        for record in records:
+                            if record.key is not None \
+                                    and record.key not in self._saved_meanwhile:
+                                self._states[record.key] = record.value
+                                read += 1
+        except Exception as exc:  # the broker is away: records wait, and it is read again
+            log.warning("session topic %s cannot be read (%s): the input waits", self.topic, exc)
+            return False
+        finally:
+            with self._lock:
+                self._saved_meanwhile = None
+        self.behind = False
+        log.info("session topic %s read (%d records, %.2f s)", self.topic, read,
+                 time.monotonic() - started)
+        return True
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close(autocommit=False)
+
+
+# --- the transport: intake -------------------------------------------------------
+
+class Intake:
+    """The input side of a server's transport: each record decoded and checked (one that
+    cannot be used is rejected: a dead letter, and an error reply when it was a request),
+    a client's answer handed to the sink at once, requests queued in a backlog the sink
+    takes from as it has room; the partitions paused while the backlog waits or too many
+    sends are unacknowledged.  The consumer thread's alone: no lock."""
+
+    def __init__(self, transport: "KafkaTransport", sink: Sink, producer: OrderedProducer,
+                 max_input_bytes: int, reply_topic_pattern: Optional["re.Pattern[str]"],
+                 own_topics: frozenset, dead_letter_topic: Optional[str]):
+        self._transport = transport  # what error replies go through, and the sink is told of
+        self._sink = sink
+        self._producer = producer
+        self.max_input_bytes = max_input_bytes
+        self._reply_topic_pattern = reply_topic_pattern
+        self._own_topics = own_topics
+        self._dead_letter_topic = dead_letter_topic
+        # Sends held until acknowledged (for a retry): past either bound, intake pauses.
+        self.max_unacked = 10000
+        self.max_unacked_bytes = 64 * 1024 * 1024
+        self.backlog: Deque[Tuple[Any, Message, Done, Route]] = collections.deque()
+        self.paused = False
+        self.invalid_log = LogThrottle()
+        self.counts = collections.Counter(received=0, invalid=0, dead_lettered=0)
+
+    def take(self, partition: Any, record: Any, done: Done) -> None:
+        """One record of ``partition``: queued, answered, or rejected."""
+        value = record.value or b""
+        message = None
+        try:
+            if len(value) > self.max_input_bytes:
+                raise oversized(value[:1024], len(value), self.max_input_bytes)
+            message = decode(value)
+            if "method" not in message or "id" not in message:  # only a request is replied to
+                route = _fallback_route(record.key, None)
+            else:
+                route = parse_route(record.key, record.headers, self._reply_topic_pattern)
+                if route.topic is not None and (route.topic in self._own_topics
+                                                or route.topic.startswith("__")):
+                    raise InvalidMessage(f"reply topic {route.topic} is not allowed: the "
+                                         "server's own topics (input, session, dead-letter, "
+                                         "statistics) and internal topics never are")
+            route.source = record.partition
+        except InvalidMessage as exc:
+            if message is not None and kind(message) == REQUEST:
+                exc.id = message["id"]  # a usable message with an unusable route
+            self.reject(record, exc, done)
+            if exc.answers is not None:  # an answer to Codex: Codex hears it failed
+                self._sink.answer(self._transport, error_response(exc.answers, exc.code,
+                                                                  exc.reason),
+                                  nothing, _fallback_route(record.key, None))
+            return
+        except Exception as exc:  # a poison pill must be passed, never retried forever
+            log.exception("unexpected error reading kafka record: topic %s partition %d "
+                          "offset %d", record.topic, record.partition, record.offset)
+            self.reject(record, InvalidMessage(f"unreadable record ({type(exc).__name__})",
+                                               PARSE_ERROR), done)
+            return
+        if "method" not in message:
+            # A client's answer to Codex: Codex is waiting for it, maybe holding the very
+            # requests the queue is full of, so it never waits behind them.
+            self._sink.answer(self._transport, message, done, route)
+            return
+        self.backlog.append((partition, message, done, route))
+
+    def reject(self, record: Any, error: InvalidMessage, done: Done) -> None:
+        """A record that cannot be used: a WARNING, a dead letter (with Kafka Connect's
+        error headers) and, for a request, its error reply on the output topic."""
+        self.counts["invalid"] += 1
+        self.invalid_log.warning(log, "invalid payload from kafka: topic %s partition %d "
+                                 "offset %d: %s", record.topic, record.partition,
+                                 record.offset, error.reason)
+        if self._dead_letter_topic and error.id is not None:
+            done = after(2, done)  # the record is done once both sends are acknowledged
+        if self._dead_letter_topic:
+            headers = [("__connect.errors.topic", record.topic.encode()),
+                       ("__connect.errors.partition", str(record.partition).encode()),
+                       ("__connect.errors.offset", str(record.offset).encode()),
+                       ("__connect.errors.exception.class.name", b"InvalidMessage"),
+                       ("__connect.errors.exception.message",
+                        error.reason.encode("utf-8", "replace"))]
+            # A record with neither key nor value cannot be produced as is: keep it, empty.
+            value = record.value if record.value is not None or record.key is not None else b""
+            self.counts["dead_lettered"] += 1
+            self._producer.send(_Send(self._dead_letter_topic, record.key, value, headers, done))
+        if error.id is not None:  # on the output topic: the record's reply topic may be why
+            self._transport.send(error_response(error.id, error.code, error.reason), done,
+                                 _fallback_route(record.key, record.headers))
+        elif not self._dead_letter_topic:
+            done()
+
+    def offer(self, consumer: Any) -> None:
+        """The backlog to the sink; the assigned partitions paused, or resumed, to match."""
+        if self.backlog:
+            taken = self._sink.offer(self._transport, [item[1:] for item in self.backlog])
+            for _ in range(taken):
+                self.backlog.popleft()
+        assigned = consumer.assignment()
+        # Replies the broker has not acknowledged are held too (a broker that takes
+        # nothing must not make them pile up): they count against the same bound.
+        unacked, unacked_bytes = self._producer.unacked, self._producer.unacked_bytes
+        if (self.backlog or unacked >= self.max_unacked
+                or unacked_bytes >= self.max_unacked_bytes) and not self.paused and assigned:
+            log.info("%s: pausing %s", "processor queue full" if self.backlog else
+                     f"{unacked} replies ({unacked_bytes} bytes) not yet acknowledged by kafka",
+                     self._transport.input_topic)
+            consumer.pause(*assigned)
+            self.paused = True
+        elif self.paused and not self.backlog and self._sink.has_room() \
+                and unacked < self.max_unacked // 2 \
+                and unacked_bytes < self.max_unacked_bytes // 2:
+            log.info("processor queue has room: resuming %s", self._transport.input_topic)
+            consumer.resume(*consumer.paused())
+            self.paused = False
+
+    def forget(self, moved: Set[int]) -> None:
+        """Drop what is queued of the partitions that moved to another server."""
+        self.backlog = collections.deque(item for item in self.backlog
+                                         if item[0].partition not in moved)
+
+
+# --- the transport: connecting ---------------------------------------------------
+
+class BrokerConnection:
+    """Makes a transport's two kafka-python clients, its producer and its consumer: in
+    short attempts, each failure a WARNING and a retry (a server waits for its brokers; a
+    client gives up after ``timeout``), TLS checked first and a failed SASL login named
+    at once (``FatalKafkaError``: exit 3)."""
+
+    def __init__(self, consumer_config: Dict[str, Any], producer: OrderedProducer,
+                 timeout: float, waits_for_brokers: bool):
+        self._config = consumer_config
+        self._producer = producer
+        self.timeout = timeout
+        self.waits_for_brokers = waits_for_brokers
+        self._denied_log = LogThrottle(burst=10, period=30.0)
+
+    def open(self, kafka: Any, shutdown: threading.Event) -> Any:
+        """The consumer, once the producer is made too; None when ``shutdown`` came first."""
+        if importlib.util.find_spec("crc32c") is None:
+            log.info("crc32c is not installed: kafka-python checksums each record in pure "
+                     "Python, about 10 ms of CPU per 100 KB (pip install crc32c, or the "
+                     "package's 'fast' extra, where the host can build or fetch it)")
+        context = ssl_context(self._config)
+        attempt_ms = int(min(5.0, max(1.0, self.timeout / 3)) * 1000)
+        for config, client in ((self._producer.config, kafka.KafkaProducer),
+                               (self._config, kafka.KafkaConsumer)):
+            if context is not None:
+                config["ssl_context"] = context
+            if "bootstrap_timeout_ms" in client.DEFAULT_CONFIG:
+                # Short attempts: the loop below retries, with a warning each time.
+                config.setdefault("bootstrap_timeout_ms", attempt_ms)
+        servers = self._config["bootstrap_servers"]
+        deadline = time.monotonic() + self.timeout
+        delay = 0.5
+        attempt = 0
+        while not shutdown.is_set():
+            attempt += 1
+            consumer, cause = self._attempt(kafka, context, attempt_ms)
+            if consumer is not None:
+                return consumer
+            self._producer.discard()
+            if (not self.waits_for_brokers or not _RETRYABLE.search(cause)) \
+                    and time.monotonic() > deadline:
+                raise FatalKafkaError(f"cannot connect to kafka at {','.join(servers)} within "
+                                      f"--kafka-connect-timeout: {cause}")
+            log.warning("cannot connect to kafka at %s (attempt %d: %s); retrying in %.1f s",
+                        ",".join(servers), attempt, cause, delay)
+            shutdown.wait(delay)
+            delay = min(delay * 2, 30.0)
+        return None
+
+    def _attempt(self, kafka: Any, context: Any, attempt_ms: int) -> Tuple[Any, str]:
+        """(the consumer, "") with the producer made too, or (None, why not now)."""
+        with _ClientLog() as client_log:
+            try:
+                if context is not None:
+                    check_tls(self._config["bootstrap_servers"], context,
+                              "ssl_certfile" in self._config, timeout=attempt_ms / 1000)
+                self._producer.open(kafka)
+                return kafka.KafkaConsumer(**self._config), ""
+            except (kafka.errors.KafkaError, OSError) as exc:
+                cause = client_log.sasl_failure()
+                if cause:
+                    raise FatalKafkaError(
+                        f"SASL {self._config.get('sasl_mechanism')} login as "
+                        f"{self._config.get('sasl_plain_username')!r} failed: "
+                        f"{cause}") from None
+                return None, client_log.messages[0] if client_log.messages else str(exc)
+
+    def not_authorized(self, error: Any, topic: str, was_ready: bool) -> None:
+        """The brokers' ACLs refuse the consumer its group or its ``topic``: before it was
+        ever ready, exit 3 naming what is missing and the line that grants it; later (an ACL
+        revoked), an ERROR each time, and it keeps trying."""
+        errors = _import_kafka().errors
+        group = isinstance(error, errors.GroupAuthorizationFailedError)
+        what = f"--group {self._config['group_id']}" if group else f"--topic {topic}"
+        principal = self._config.get("sasl_plain_username") or "NAME"
+        text = (f"the brokers' ACLs do not let this server read {what[2:]} ({error}): grant "
+                f"it with: kafka-acls.sh --bootstrap-server HOST:PORT --add --allow-principal "
+                f"User:{principal} --operation Read{'' if group else ' --operation Describe'} "
+                f"{what}")
+        if not was_ready:
+            raise FatalKafkaError(text)
+        self._denied_log.warning(log, "%s", text, level=logging.ERROR)
+
+
+# --- the transport: the consumer loop ----------------------------------------------
+
+class KafkaTransport:
+    """One server's Kafka connection: the input topic -> ``sink``; ``send`` -> the output
+    topic, or the reply topic a request names.
+
+    After CPython's socketserver: ``serve_forever`` connects, then polls, hands over and
+    commits until ``shutdown`` (from any thread); ``close`` waits for unacknowledged sends,
+    commits and closes.  It runs in the calling thread, the only thread that touches the
+    consumer (not thread-safe); ``send`` may be called from any thread.
+
+    Delivery is at-least-once.  Every record is handed on with a ``done`` callback; its
+    offset is committed only when it and every earlier record of its partition are done
+    (``OffsetTracker``).  Whoever answers a request calls ``send(reply, done)``, and
+    ``done`` runs when the brokers acknowledged the reply (``OrderedProducer``).  Records
+    go to the sink through ``Intake`` (decoded, rejected, queued, paused); with a session
+    topic, ``store`` (a ``SessionStore``) is read before them.  ``owner`` (the backend)
+    hears of rebalances."""
+
+    name = "kafka"
+    waits_for_brokers = True  # unreachable brokers: warnings until they answer
+
+    def __init__(self, input_topic: str, output_topic: str, sink: Sink,
+                 properties: Mapping[str, str], max_message_bytes: int = 1024 * 1024,
+                 dead_letter_topic: Optional[str] = None, connect_timeout: float = 30.0,
+                 poll_interval: float = 0.1, max_input_bytes: int = 8 * 1024 * 1024,
+                 reply_topic_pattern: Optional[str] = None, stats_topic: Optional[str] = None,
+                 session_topic: Optional[str] = None, owner: Optional[SessionOwner] = None):
+        """``stats_topic``: None without statistics, "" for statistics only logged."""
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.stats_topic = stats_topic
+        self.max_message_bytes = max_message_bytes
+        self.connect_timeout = connect_timeout
+        self._sink = sink
+        self._owner = owner or SessionOwner()
+        self._poll_ms = int(poll_interval * 1000)
+        # Never a client's reply topic: a reply keyed by a client-chosen id in the session
+        # topic would replace that session's state for good (compaction), say.
+        own_topics = frozenset(topic for topic in (
+            input_topic, session_topic, dead_letter_topic, stats_topic) if topic)
+        consumer_config, producer_config = client_config(properties)
+        self._consumer_config = dict(consumer_config, enable_auto_commit=False)
+        # Room for the key, headers and record overhead on top of the largest value.
+        # Batches of up to librdkafka's batch.size: at kafka-python's 16 KB, replies of ~10 KB
+        # travel one per request and a busy server's acknowledgements fall behind.
+        config = dict(acks="all", max_block_ms=10000,
+                      max_request_size=max_message_bytes + 64 * 1024,
+                      batch_size=min(1_000_000, max_message_bytes + 64 * 1024))
+        config.update(producer_config)
+        self.producer = OrderedProducer(config, output_topic, own_topics)
+        self.store = SessionStore(session_topic, self.producer) if session_topic else None
+        self.intake = Intake(self, sink, self.producer, max_input_bytes,
+                             re.compile(reply_topic_pattern) if reply_topic_pattern is not None
+                             else None, own_topics, dead_letter_topic)
+        self._consumer: Any = None
+        self._offsets = OffsetTracker()
+        self._assigned: frozenset = frozenset()  # input partitions this server reads
+        self._unroutable_log = LogThrottle()
+        self._connection = BrokerConnection(self._consumer_config, self.producer,
+                                            connect_timeout, self.waits_for_brokers)
+        self._shutdown = threading.Event()
+        self._close_requested = threading.Event()
+        self._close_deadline = 0.0
+        self._closed = threading.Event()
+        self.ready = threading.Event()  # set while the partitions and positions are known
+        self._was_ready = False  # ready once since start
+        self._looked_up = 0.0  # when the input topic's metadata was last fetched again
+        self._stats_topic_ok = False  # looked up once, when ready
+        self._partitions: List[Dict[str, Any]] = []  # the consumer thread's last look
+        self._looked = 0.0
+
+    # Public API --------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Connect, consume until ``shutdown``, then on ``close`` drain, commit and close."""
+        try:
+            if self._connect():
+                self._consume()
+            # Replies of what was taken are still coming: keep retrying until close().
+            while not self._close_requested.wait(0.05):
+                self.producer.resend_due()
+            if self._consumer is not None:
+                self._flush_and_close()
+        finally:
+            self._closed.set()
+
+    def send(self, message: Message, done: Done = nothing, route: Route = DEFAULT_ROUTE) -> None:
+        """Produce one message where its ``route`` says, keyed by its id (unkeyed without).
+
+        The topic is the route's reply topic, else the output topic; the partition the
+        route's, else the session's (murmur2 of its key, as Java and kafka-python pick it;
+        0 for the default session), so a session's records keep their order.  A keyed
+        session's records carry the ``codex-session`` header, a reply its request's
+        correlation headers.  Retried until the broker acknowledges it (or the shutdown
+        deadline), never overtaken by a later record of its session not yet handed to the
+        producer; then ``done`` runs.  A reply over ``max_message_bytes`` becomes an error;
+        so does one to a reply topic (or partition) the brokers do not have.
+        """
+        if (route.topic is not None or route.partition is not None) \
+                and self.producer.client is not None:
+            topic = route.topic or self.output_topic
+            problem = self.producer.reply_topic_problem(topic, route.partition)
+            if problem:
+                self._unroutable_log.warning(log, "session %s: reply topic %s %s; the %s goes "
+                                             "to %s as an error", session_name(route.session),
+                                             topic, problem, kind(message), self.output_topic)
+                if "method" in message or "id" not in message:
+                    done()  # a notification or Codex's request: nobody to tell but the log
+                    return
+                message = error_response(message["id"], INVALID_REQUEST, f"reply topic "
+                                         f"{topic} {problem}: the reply cannot go there")
+                route = Route(route.session, correlation=route.correlation)
+        self._produce(message, done, route, reply_key(message))
+
+    def owns(self, route: Route) -> bool:
+        """Whether the record ``route`` came with is still this server's to answer: after its
+        partition moved to another server, that one reads it again."""
+        return route.source is None or route.source in self._assigned
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters, pause state, unacknowledged sends and, per input partition, position,
+        committed offset and lag (behind the high watermark of the last fetch)."""
+        return dict(self.intake.counts, **self.producer.stats(), paused=self.intake.paused,
+                    partitions=self._partitions)
+
+    def publish(self, value: bytes) -> None:
+        """One statistics record to the stats topic (keyed by the client id), if it exists."""
+        if self.producer.client is not None and self._stats_topic_ok:
+            self.producer.publish(self.stats_topic, value)
+
+    def shutdown(self) -> None:
+        """Stop taking new records; the loop returns within one poll interval."""
+        self._shutdown.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout``) for unacknowledged sends, then commit and close."""
+        self._shutdown.set()
+        self._close_deadline = time.monotonic() + timeout
+        self._close_requested.set()
+        self._closed.wait(timeout + 5.0)
+
+    # Producing ---------------------------------------------------------
+
+    def _produce(self, message: Message, done: Done, route: Route, key: Optional[bytes],
+                 headers: Sequence[Tuple[str, bytes]] = ()) -> None:
+        reply = "method" not in message
+        value = encode_reply(message)
+        if value is not None and len(value) > self.max_message_bytes:
+            value = self._too_large(message, key, len(value))
+        if value is None:
+            done()
+            return
+        all_headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
+        if reply:  # only the reply itself answers the correlation
+            all_headers.extend(route.correlation)
+        all_headers.extend(headers)
+        topic = route.topic or self.output_topic
+        lane = (topic, route.session if route.partition is None else route.partition)
+        record = _Send(topic, key, value, all_headers or None, done, route.session,
+                       route.partition, lane, reply)
+        record.reply_id = message.get("id") if reply else None
+        self.producer.send(record)
+
+    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
+        """What goes instead of a message over the limit (None: nothing)."""
+        text = self._say_too_large("reply", key, size)
+        if key is None or "method" in message:
+            return None
+        return encode(error_response(message["id"], INTERNAL_ERROR, text))
+
+    def _say_too_large(self, what: str, key: Optional[bytes], size: int) -> str:
+        over = size - self.max_message_bytes
+        log.error("%s too large for kafka (key %s): %d bytes, %d over the limit of %d "
+                  "(--kafka-max-message-bytes)", what, _shown(key), size, over,
+                  self.max_message_bytes)
+        return f"{what} too large for Kafka: {size} bytes, {over} bytes over the limit of " \
+               f"{self.max_message_bytes} (--kafka-max-message-bytes)"
+
+    # Connecting --------------------------------------------------------
+
+    def _connect(self) -> bool:
+        kafka = _import_kafka()
+        self._consumer = self._connection.open(kafka, self._shutdown)
+        if self._consumer is None:
+            return False  # shut down while waiting
+        self._start_reading(kafka)
+        return True
+
+    def _start_reading(self, kafka: Any) -> None:
+        """The session topic's reader, then the group's subscription."""
+        if self.store is not None:
+            self.store.open(kafka, self._consumer_config)
+        self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
+        log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
+                 self._consumer_config["group_id"])
+
+    # The consumer thread -----------------------------------------------
+
+    def _consume(self) -> None:
+        consumer = self._consumer
+        errors = _import_kafka().errors
+        while not self._shutdown.is_set():
+            self.producer.resend_due()
+            self.intake.offer(consumer)
+            try:
+                # Never sleep between polls: kafka-python completes group joins inside poll().
+                batches = consumer.poll(timeout_ms=self._poll_ms)
+            except (errors.GroupAuthorizationFailedError,
+                    errors.TopicAuthorizationFailedError) as exc:
+                self._connection.not_authorized(exc, self.input_topic, self._was_ready)
+                self._shutdown.wait(0.5)
+                continue
+            except errors.KafkaError as exc:
+                log.warning("kafka poll failed: %s", exc)
+                self._shutdown.wait(0.5)
+                continue
+            except Exception:  # a client bug on one fetch must not end the service
+                log.exception("kafka poll failed unexpectedly")
+                self._shutdown.wait(0.5)
+                continue
+            if self.store is not None and self.store.behind and not self.store.read():
+                for partition, records in batches.items():  # taken after it is read
+                    consumer.seek(partition, records[0].offset)
+                self._shutdown.wait(1.0)
+                continue
+            assignment = consumer.assignment()
+            if not self.ready.is_set() and assignment:
+                self._announce_ready()
+            elif not assignment and self.ready.is_set() \
+                    and time.monotonic() - self._looked_up >= 2.0:
+                self._look_up_input(consumer)
+            if self.stats_topic is not None and time.monotonic() - self._looked >= 1.0:
+                self._looked = time.monotonic()  # (the consumer allows this thread alone)
+                self._partitions = self._offsets.look(consumer, self._partitions)
+            for partition, records in batches.items():
+                self.intake.counts["received"] += len(records)
+                dones = self._offsets.taken(partition, [record.offset for record in records])
+                for record, done in zip(records, dones):
+                    self._take(partition, record, done)
+            self.intake.offer(consumer)
+            self._commit()
+
+    def _take(self, partition: Any, record: Any, done: Done) -> None:
+        self.intake.take(partition, record, done)
+
+    def _look_up_input(self, consumer: Any) -> None:
+        """The input topic's metadata, fetched again while the group gave this server none of
+        it: a topic created just before the server joined is unknown to the assignment until
+        the client's metadata is renewed (every 5 minutes by default), and a renewal that
+        finds it makes the group rebalance."""
+        self._looked_up = time.monotonic()
+        try:
+            consumer.partitions_for_topic(self.input_topic)
+        except Exception as exc:  # the next look will do
+            log.debug("cannot look up topic %s: %r", self.input_topic, exc)
+
+    def _announce_ready(self) -> None:
+        if self.stats_topic and not self._stats_topic_ok:  # once, on this thread: it may block
+            try:
+                self._stats_topic_ok = bool(self.producer.client.partitions_for(self.stats_topic))
+            except Exception as exc:
+                log.warning("stats topic %s is unknown to the brokers (%s): statistics are only "
+                            "logged", self.stats_topic, exc)
+        consumer = self._consumer
+        # position() resolves the committed or reset offset now, so under "latest" a
+        # record produced after the ready line is never skipped.
+        positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
+        self._was_ready = True
+        log.info("kafka transport ready: topic %s partitions %s", self.input_topic,
+                 ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
+        self.ready.set()
+
+    def _commit(self, partitions: Optional[Iterable[Any]] = None, sync: bool = False,
+                force: bool = False) -> None:
+        if self._consumer_config.get("group_id") is not None:  # (a client's has none)
+            self._offsets.commit(self._consumer, partitions, sync, force)
+
+    def _flush_and_close(self) -> None:
+        self.producer.flush(self._close_deadline)
+        log.info("committing kafka offsets")
+        self._commit(sync=True, force=True)
+        log.info("closing kafka consumer")
+        self._consumer.close(autocommit=False)
+        if self.store is not None:
+            self.store.close()
+
+    # Rebalances (on the consumer thread, inside poll) --------------------
+
+    def _partitions_revoked(self, revoked: Any) -> None:
+        # Eager rebalancing takes every partition, then gives a set back (assigned).  What
+        # is in flight is answered first (bounded), and what is done committed, so that a
+        # partition that moves goes with its answers committed; the new owner reads the
+        # rest again.  Asynchronously: kafka-python 3 runs listeners on its IO thread,
+        # where a blocking commit is refused.
+        self._owner.settle(self, time.monotonic() + REBALANCE_WAIT)
+        self._commit(set(revoked), force=True)
+        self.intake.paused = False
+        self.ready.clear()
+
+    def _partitions_assigned(self, assigned: Any) -> None:
+        """The partitions taken and not given back moved to another server: their offsets,
+        queued records and sessions are forgotten here.  Those kept go on where they were
+        (kafka-python 3 keeps their position, kafka-python-ng would read them again)."""
+        new = frozenset(tp.partition for tp in assigned)
+        moved = self._assigned - new
+        self._offsets.forget(tp for tp in self._offsets.partitions() if tp.partition in moved)
+        self.intake.forget(moved)
+        for tp in assigned:
+            position = self._offsets.next_offset(tp)
+            if position is not None:
+                self._consumer.seek(tp, position)
+        self._assigned = new
+        if self.store is not None:
+            self.store.behind = True
+        if moved:  # their sessions end here
+            self._owner.revoked(self, set(moved))
+
+
+class KafkaClientTransport(KafkaTransport):
+    """A client's connection to a server (the proxy's), as socketserver's ``UDPServer`` is
+    a ``TCPServer``: it reads, without a group, the records of its ``session`` in the
+    partition the session maps to, from the end, each to the sink at once; what it sends
+    goes keyed by the session, naming ``reply_topic`` if given.  It gives up when the
+    brokers cannot be reached within the connect timeout."""
+
+    waits_for_brokers = False
+
+    def __init__(self, input_topic: str, output_topic: str, sink: Sink,
+                 properties: Mapping[str, str], session: str,
+                 reply_topic: Optional[str] = None, **settings: Any):
+        super().__init__(input_topic, output_topic, sink, properties, **settings)
+        self.session = session.encode()
+        self._reply_to = [("kafka_replyTopic", reply_topic.encode())] if reply_topic else []
+
+    def send(self, message: Message, done: Done = nothing, route: Route = DEFAULT_ROUTE) -> None:
+        """Produce one message keyed by the session, to the output topic (the server's
+        input) in the session's partition; then ``done`` runs."""
+        self._produce(message, done, Route(self.session), self.session, self._reply_to)
+
+    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
+        if "method" not in message:
+            return super()._too_large(message, key, size)
+        text = self._say_too_large("request", key, size)
+        if "id" in message:  # the client hears so
+            self._sink.answer(self, error_response(message["id"], INVALID_REQUEST, text),
+                              nothing, DEFAULT_ROUTE)
+        return None
+
+    def _start_reading(self, kafka: Any) -> None:
+        """The session's partition, from the end, so that nothing sent after ``ready`` is
+        missed."""
+        partitions = self._consumer.partitions_for_topic(self.input_topic)
+        if not partitions:
+            raise FatalKafkaError(f"topic {self.input_topic} does not exist")
+        partition = kafka.TopicPartition(self.input_topic,
+                                         partition_of(self.session, len(partitions)))
+        self._consumer.assign([partition])
+        self._consumer.seek_to_end(partition)
+        log.info("kafka consumer reading %s partition %d for session %s", self.input_topic,
+                 partition.partition, session_name(self.session))
+
+    def _take(self, partition: Any, record: Any, done: Done) -> None:
+        """Only its session's records, each to the sink at once, so in the server's order.
+        One that cannot be read is answered here: an error for the request it answers, or
+        back to the server for Codex's request."""
+        if (SESSION_HEADER, self.session) not in (record.headers or ()):
+            done()  # another session's
+            return
+        value = record.value or b""
+        limit = self.intake.max_input_bytes
+        try:
+            if len(value) > limit:
+                raise oversized(value[:1024], len(value), limit)
+            message = decode(value, max_depth=None)  # the server relays Codex's, as Codex's
+        except InvalidMessage as exc:
+            self.intake.counts["invalid"] += 1
+            self.intake.invalid_log.warning(log, "invalid payload from kafka: topic %s "
+                                            "partition %d offset %d: %s", record.topic,
+                                            record.partition, record.offset, exc.reason)
+            complete = len(value) <= limit
+            what, msg_id = peek(value if complete else value[:4096], complete)
+            if msg_id is not None and what == REQUEST:
+                self.send(error_response(msg_id, exc.code, exc.reason))
+            if msg_id is None or what != RESPONSE:
+                done()
+                return
+            message = error_response(msg_id, INTERNAL_ERROR, f"the server's reply cannot be "
+                                                             f"read: {exc.reason}")
+        self._sink.answer(self, message, done, DEFAULT_ROUTE)
+
+
 class OffsetTracker:
-    """Per partition, which taken offsets are done; a partition commits up to
-    (not including) its first offset that is not done."""
+    """Per partition, which taken offsets are done; a partition commits up to (not
+    including) its first offset that is not done.  ``_lock`` guards its tables (``done``
+    comes from any thread); the consumer is used on the consumer thread only."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._last_commit = 0.0
+        self._lock = threading.Lock()  # the tables (see above)
         self._pending: Dict[Any, Deque[int]] = {}  # taken, not yet done, in offset order
         self._done: Dict[Any, Set[int]] = {}  # done out of order, still behind the first
         self._next: Dict[Any, int] = {}  # offset after the last one taken
@@ -1773,9 +1926,9 @@ class OffsetTracker:
             self._done.setdefault(partition, set())
             self._next[partition] = offsets[-1] + 1
         # Tied to this deque: a done() from before a revoke must not touch a later one.
-        return [functools.partial(self._finish, partition, pending, offset) for offset in offsets]
+        return [functools.partial(self._mark_done, partition, pending, offset) for offset in offsets]
 
-    def _finish(self, partition: Any, pending: Deque[int], offset: int) -> None:
+    def _mark_done(self, partition: Any, pending: Deque[int], offset: int) -> None:
         with self._lock:
             if self._pending.get(partition) is not pending or not pending \
                     or offset < pending[0]:
@@ -1827,6 +1980,48 @@ class OffsetTracker:
                 for table in (self._pending, self._done, self._next, self._asked):
                     table.pop(partition, None)
 
+    def commit(self, consumer: Any, partitions: Optional[Iterable[Any]] = None,
+               sync: bool = False, force: bool = False) -> None:
+        """Commit what moved (of ``partitions``; None: all), at most ten times a second
+        unless ``force``d; ``sync`` blocks (at close) and commits every point again."""
+        now = time.monotonic()
+        if not (sync or force) and now - self._last_commit < 0.1:
+            return
+        self._last_commit = now
+        points = self.commit_points(partitions, again=sync)
+        if not points:
+            return
+        offsets = {tp: _offset_and_metadata(offset) for tp, offset in points.items()}
+        try:
+            if sync:
+                consumer.commit(offsets=offsets)
+            else:
+                consumer.commit_async(offsets=offsets, callback=self._committed)
+        except Exception as exc:
+            self.commit_failed(points)
+            log.warning("kafka offset commit failed: %s", exc)
+
+    def _committed(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            self.commit_failed({tp: meta.offset for tp, meta in offsets.items()})
+            log.warning("kafka offset commit failed: %s", response)
+
+    def look(self, consumer: Any, last: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Per assigned partition: position, committed offset and lag (behind the high
+        watermark of the last fetch); ``last`` when they cannot be read now."""
+        looks = []
+        try:
+            for tp in sorted(consumer.assignment()):
+                position, end = consumer.position(tp), consumer.highwater(tp)
+                looks.append({"partition": tp.partition, "position": position,
+                              "committed": self.committed(tp),
+                              "lag": None if end is None or position is None else
+                              end - position})
+        except Exception as exc:  # a rebalance under way, say: the next look will do
+            log.debug("statistics: cannot read the input positions: %r", exc)
+            return last
+        return looks
+
 
 def _fallback_route(key: Optional[bytes], headers: Any) -> Route:
     """A record's session (the default one when its key is unusable) and its correlation
@@ -1871,7 +2066,7 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 def after(count: int, done: Done) -> Done:
     """A ``done`` that runs ``done`` at its ``count``-th call (from whichever thread)."""
-    lock = threading.Lock()
+    lock = threading.Lock()  # the call count
     calls = [0]
 
     def one_done() -> None:
@@ -1883,7 +2078,13 @@ def after(count: int, done: Done) -> Done:
     return one_done
 
 
+def session_name(session: Optional[bytes]) -> str:
+    """A session (its record key) as logs show it: quoted, its first 64 bytes."""
+    return "(default)" if session is None else repr(session[:64].decode("utf-8", "replace"))
+
+
 def _shown(key: Optional[bytes]) -> str:
+    """A record's key (a reply's is its request's id) as logs show it."""
     return "none" if key is None else key.decode("utf-8", "replace")
 
 

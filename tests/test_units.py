@@ -361,6 +361,7 @@ def test_every_property_maps_to_a_real_argument_or_is_refused_up_front(capsys):
 
 class Recorder:
     name = "test"
+    store = None
 
     def __init__(self):
         self.sent = []
@@ -442,8 +443,7 @@ def test_method_patterns_must_be_patterns(flag, capsys):
 
 
 def test_a_producer_kafka_python_gave_up_on_is_replaced():
-    transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
-                                                       "group.id": "g"})
+    producer_side = rpc.OrderedProducer({}, "out", frozenset())
 
     class Manager:
         fatal = False
@@ -455,14 +455,14 @@ def test_a_producer_kafka_python_gave_up_on_is_replaced():
         _transaction_manager = Manager()
 
     producer = Producer()
-    assert transport._why_fatal(Exception("UnknownError"), producer) is None
+    assert producer_side._why_fatal(Exception("UnknownError"), producer) is None
     producer._transaction_manager.fatal = True
-    assert "kafka-python marked it failed (UnknownError)" in transport._why_fatal(
+    assert "kafka-python marked it failed (UnknownError)" in producer_side._why_fatal(
         Exception("UnknownError"), producer)
     # Any other error, when nothing has been acknowledged for a long time, also counts.
     producer._transaction_manager.fatal = False
-    transport._producer_failing_since = time.monotonic() - rpc.PRODUCER_STUCK_SECONDS - 1
-    assert "no send acknowledged" in transport._why_fatal(Exception("x"), producer)
+    producer_side._failing_since = time.monotonic() - rpc.PRODUCER_STUCK_SECONDS - 1
+    assert "no send acknowledged" in producer_side._why_fatal(Exception("x"), producer)
 
 
 class FailedAtOnce:
@@ -483,19 +483,20 @@ class FailedAtOnce:
 def test_a_retry_that_fails_at_once_stays_held_and_backoff_is_bounded(caplog):
     transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
                                                        "group.id": "g"})
-    transport._producer = FailedAtOnce()
+    producer = transport.producer
+    producer.client = FailedAtOnce()
     acknowledged = []
     transport.send({"id": 1, "result": {}}, lambda: acknowledged.append(1),
                    rpc.Route(partition=0))
-    [held] = transport._held.values()
+    [held] = producer._held.values()
     send = held[0]
     for _ in range(3):
         send.due = 0.0
-        transport._resend_failed(replace=False)
-        assert transport._held and list(transport._held.values())[0][0] is send  # not lost
+        producer.resend_due(replace=False)
+        assert producer._held and list(producer._held.values())[0][0] is send  # not lost
     assert send.attempt == 4 and not acknowledged
     send.attempt = 5000  # hours of failing: the backoff stays 5 s, no OverflowError
-    transport._failed(send, RuntimeError("again"))
+    producer._failed(send, RuntimeError("again"))
     assert send.due <= time.monotonic() + 5.0
 
 
@@ -805,7 +806,7 @@ def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
     backend.handle(transport, {"id": 1, "method": "ask", "params": {}}, route=rpc.Route(b"s"))
     wait_for(lambda: len(transport.sent) == 2, "no request and reply")
     asked = next(m for m in transport.sent if "method" in m)
-    session = backend._sessions[transport, b"s"]
+    session = backend.table.find(transport, b"s")
     assert not session.idle()  # Codex waits for the client's answer
     backend.handle(transport, {"id": asked["id"], "result": {"accessToken": "t"}},
                    route=rpc.Route(b"s"))
@@ -873,9 +874,9 @@ def test_the_reaper_closes_idle_sessions_only_and_they_reopen_with_their_state()
     for key in (b"busy", b"idle"):
         backend.handle(transport, dict(init), route=rpc.Route(key))
     backend.handle(transport, {"id": 2, "method": "slow", "params": {}}, route=rpc.Route(b"busy"))
-    wait_for(lambda: backend._sessions[transport, b"idle"].connection is None, "idle not closed")
+    wait_for(lambda: backend.table.find(transport, b"idle").connection is None, "idle not closed")
     time.sleep(0.5)
-    assert backend._sessions[transport, b"busy"].connection is not None  # something in flight
+    assert backend.table.find(transport, b"busy").connection is not None  # something in flight
     backend.handle(transport, {"id": 3, "method": "again", "params": {}}, route=rpc.Route(b"idle"))
     wait_for(lambda: len(codex.sockets) == 3 and len(codex.sockets[-1].sent) == 2,
              "the session not reopened")  # (by a connector thread of its own)
@@ -992,17 +993,17 @@ def test_big_unacknowledged_replies_pause_the_input_until_half_are_acknowledged(
 
     transport = rpc.KafkaTransport("in", "out", Sink(), {"bootstrap.servers": "127.0.0.1:1",
                                                          "group.id": "g"})
-    transport._producer, transport._consumer = Producer(), Consumer()
+    transport.producer.client, consumer = Producer(), Consumer()
     reply = {"id": 1, "result": {"data": "x" * 100_000}}
     for _ in range(700):  # 70 MB, far below the 10,000 records bound
         transport.send(dict(reply), route=rpc.Route(b"s"))
-    transport._offer_backlog()
-    assert transport._paused and transport._consumer.paused_now == ("in-0",)
+    transport.intake.offer(consumer)
+    assert transport.intake.paused and consumer.paused_now == ("in-0",)
     assert transport.stats()["unacknowledged_bytes"] > 64 * 1024 * 1024
-    for future in transport._producer.futures[:400]:
+    for future in transport.producer.client.futures[:400]:
         future.callbacks[0](None)  # acknowledged: 30 MB left
-    transport._offer_backlog()
-    assert not transport._paused
+    transport.intake.offer(consumer)
+    assert not transport.intake.paused
 
 
 def test_a_confined_session_names_only_its_own_threads():
@@ -1142,21 +1143,21 @@ def test_a_retry_the_acls_deny_is_settled_once(message):
     from kafka import errors
     transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
                                                        "group.id": "g"})
-    transport._denied_errors = (errors.TopicAuthorizationFailedError,)
-    producer = transport._producer = DeniedProducer()
+    transport.producer._denied_errors = (errors.TopicAuthorizationFailedError,)
+    producer = transport.producer.client = DeniedProducer()
     dones = []
     producer.fail_next = errors.KafkaTimeoutError("slow")
     transport.send(message, lambda: dones.append(1), rpc.Route(b"s", topic="rt"))
     producer.deny = True
     for _ in range(3):
-        for lane in transport._held.values():
+        for lane in transport.producer._held.values():
             for held in lane:
                 held.due = 0.0
-        transport._resend_failed(replace=False)
+        transport.producer.resend_due(replace=False)
     for topic, _, future in producer.sent[1:]:
         assert topic == "out"
         for callback in future.callbacks:
             callback(None)
     to_out = [value for topic, value, _ in producer.sent if topic == "out"]
     assert len(to_out) == (1 if "id" in message else 0), to_out
-    assert dones == [1] and transport._unacked == 0 and transport._held == {}
+    assert dones == [1] and transport.producer.unacked == 0 and transport.producer._held == {}
