@@ -58,7 +58,7 @@ def test_the_transport_produces_replies_where_their_routes_say(broker):
             time.sleep(0.02)
         assert sorted(acked) == [1, 2, 3], acked
     finally:
-        transport._producer.close(5)
+        transport.producer.client.close(5)
         transport._consumer.close()
     first, second = read(broker.bootstrap, topics.output, partition_of(b"alice", 3), 2)
     assert (first.key, json.loads(first.value)["id"]) == (b"1", 1)

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from conftest import ROOT, Topics
+from conftest import ROOT, Topics, read_topic
 from test_codex import (  # noqa: F401 (fixtures)
     WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model, request,
     text_input)
@@ -219,11 +219,13 @@ def test_a_restarted_proxy_is_not_handed_the_previous_runs_late_reply(broker, st
     """Ids on the topic never repeat across runs: the first run's late reply (to its first
     request) is dropped by the second run, which gets its own reply to its own first one."""
     topics = Topics(broker.bootstrap)
-    start_server(["--backend", "builtin", "--builtin-delay", "2"] + topics.server_args()
+    start_server(["--backend", "builtin", "--builtin-delay", "5"] + topics.server_args()
                  ).wait_ready()
     first = proxies(proxy_argv(topics, "--kafka-session", "same"))
     first.send({"jsonrpc": "2.0", "id": 1, "method": "noop", "params": {}})
-    time.sleep(0.5)  # on the topic, not answered yet
+    # On the topic, not answered yet (the proxy reads stdin once it reads Kafka: on a busy
+    # machine that takes longer than any fixed wait).
+    assert read_topic(topics.bootstrap, topics.input, 1, timeout=WAIT)
     first.process.terminate()
     assert first.read()["error"]["message"] == "codex-app-server proxy is shutting down"
     assert first.finish()[0] == 0

@@ -210,7 +210,7 @@ class FlakyProducer:
 def test_a_failed_send_is_never_overtaken_by_a_later_one_of_its_partition():
     transport = rpc.KafkaTransport("in", "out", None, {"bootstrap.servers": "127.0.0.1:1",
                                                        "group.id": "g"})
-    transport._producer = producer = FlakyProducer()
+    transport.producer.client = producer = FlakyProducer()
     route = rpc.Route(b"ordered", partition=0)
     for n in range(3):
         transport.send({"id": n, "result": {}}, rpc.nothing, route)
@@ -218,7 +218,7 @@ def test_a_failed_send_is_never_overtaken_by_a_later_one_of_its_partition():
     for n in range(3, 6):  # sent while earlier ones wait for their retry: held behind them
         transport.send({"id": n, "result": {}}, rpc.nothing, route)
     assert producer.sent == []
-    for held in transport._held.values():
+    for held in transport.producer._held.values():
         for send in held:
             send.due = 0
     # While the lane drains, another thread's new record must still queue behind it.
@@ -231,9 +231,9 @@ def test_a_failed_send_is_never_overtaken_by_a_later_one_of_its_partition():
             transport.send({"id": 6, "result": {}}, rpc.nothing, route)
         return future
     producer.send = send_and_interleave
-    transport._resend_failed()
+    transport.producer.resend_due()
     assert [json.loads(value)["id"] for value in producer.sent] == list(range(7))
-    assert transport._unacked == 0 and not transport._held
+    assert transport.producer.unacked == 0 and not transport.producer._held
 
 
 @pytest.mark.parametrize("headers, want", [

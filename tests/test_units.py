@@ -837,6 +837,50 @@ def test_an_approval_is_answered_only_by_the_session_it_was_asked_of(caplog):
     assert codex_side[-1] == {"id": 0, "result": {"decision": "accept"}}, codex_side
 
 
+def test_server_requests_alone_one_record_found_by_either_id():
+    """ServerRequests without a backend: the client's id is new to the server, an answer
+    counts once and only from the session asked, and the request stays open (for idle())
+    until Codex resolves one that names a thread."""
+    requests, transport = app.ServerRequests(), Recorder()
+    alice, bob = app.Session(transport, b"alice"), app.Session(transport, b"bob")
+    named = requests.ask(alice, "conn-a", {"id": 0, "method": "approve",
+                                          "params": {"threadId": "t"}})
+    plain = requests.ask(alice, "conn-a", {"id": 1, "method": "approve", "params": {}})
+    assert named["id"] != 0 and plain["id"] > named["id"]
+    assert requests.answered(transport, b"bob", named["id"]) is None  # not bob's to answer
+    asked = requests.answered(transport, b"alice", named["id"])
+    assert (asked.connection, asked.codex_id) == ("conn-a", 0)
+    assert requests.answered(transport, b"alice", named["id"]) is None  # once
+    assert not alice.idle()  # the other one is unanswered
+    assert alice.asked[0].answered  # its serverRequest/resolved is still to come
+    assert requests.resolved(alice, 0) == named["id"] and 0 not in alice.asked
+    assert requests.resolved(bob, 1) is None  # Codex's id means nothing in another session
+    assert [a.id for a in requests.withdraw(alice)] == [plain["id"]]
+    assert requests.answered(transport, b"alice", plain["id"]) is None and alice.idle()
+
+
+def test_the_session_table_alone_admits_up_to_its_bound_closing_the_least_recently_used():
+    table = app.SessionTable(threading.Condition(), 2, 0, 0, 10)
+    transport = Recorder()
+    first, second, third = (table.session_for(transport, rpc.Route(key), True)
+                            for key in (b"1", b"2", b"3"))
+    assert table.find(transport, b"2") is second and first.confined
+    with table.lock:
+        for session in (first, second):
+            assert table.wait_to_admit(session) is None
+            session.connection = f"connection of {session.key.decode()}"
+        table.touch(first)  # second is now the least recently used
+        second.calls[1] = "busy"
+        assert table.wait_to_admit(third) == "connection of 1"  # (second is not idle)
+        assert first.connection is None and table.stats()["sessions"] == 2
+        fourth = table.session_for(transport, rpc.Route(b"4"), True)
+        third.connection = "connection of 3"
+        third.calls[1] = "busy"
+        start = time.monotonic()
+        assert table.wait_to_admit(fourth) is False  # every one busy: refused, after a wait
+        assert time.monotonic() - start >= app.SESSION_WAIT * 0.9
+
+
 def test_a_saved_session_state_round_trips_and_garbage_is_ignored(caplog):
     session = app.Session(None, b"k")
     session.init_params, session.init_result = {"clientInfo": {"name": "t"}}, {"userAgent": "u"}
