@@ -1114,7 +1114,7 @@ class CodexBackend(Backend):
     def __init__(self, codex: "CodexProcess", max_sessions: int = 1000,
                  idle_timeout: float = 600.0, request_timeout: float = 0.0,
                  max_in_flight: int = 1000, shared_threads: bool = False):
-        self._codex = codex
+        self.codex = codex
         self.shared_threads = shared_threads
         self.lock = threading.Condition()  # every Session and both tables (see above)
         self.table = SessionTable(self.lock, max_sessions, idle_timeout, request_timeout,
@@ -1280,7 +1280,7 @@ class CodexBackend(Backend):
 
     def stats(self) -> Dict[str, int]:
         with self.lock:
-            return dict(self.table.stats(), codex_restarts=max(0, self._codex.starts - 1),
+            return dict(self.table.stats(), codex_restarts=max(0, self.codex.starts - 1),
                         codex_overloaded=self._retry.count)
 
     # Requests and replies --------------------------------------------------
@@ -1331,8 +1331,8 @@ class CodexBackend(Backend):
         with self.lock:
             if session.connection is not connection:
                 return  # closed or replaced: the session has heard of it
-            if connection.process is self._codex.process:
-                self._codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
+            if connection.process is self.codex.process:
+                self.codex.last_heard = time.monotonic()  # alive (see CodexProcess.connect)
             if "id" in message:  # not a notification: some are broadcast to every session
                 self.table.touch(session)
             if "method" in message and "id" in message and session.confined \
@@ -1430,8 +1430,8 @@ class SessionCloser:
         self._lock = backend.lock
 
     def close(self, which: Callable[["Session"], bool], deadline: float,
-                   why: str = "codex-app-server is shutting down", answer: bool = True,
-                   stop_codex: bool = False) -> None:
+              why: str = "codex-app-server is shutting down", answer: bool = True,
+              stop_codex: bool = False) -> None:
         """Let the sessions ``which`` says finish their requests and running turns; near the
         deadline interrupt the turns, which then complete as such (within a second at
         least); then close their connections, answering what is still owed with ``why``
@@ -1443,7 +1443,8 @@ class SessionCloser:
             grace = min(HANDOFF_GRACE, max(0.0, deadline - time.monotonic()) / 4)
             while busy() and time.monotonic() < deadline - grace:
                 self._lock.wait(max(0.0, min(0.1, deadline - grace - time.monotonic())))
-            interrupts = [(session.connection, self._backend.own_request(session, "turn/interrupt", {
+            interrupt = self._backend.own_request
+            interrupts = [(session.connection, interrupt(session, "turn/interrupt", {
                 "threadId": thread_id, "turnId": turn_id}))
                 for session in busy() for turn_id, (thread_id, _) in session.turns.items()]
         if interrupts:
@@ -1463,7 +1464,7 @@ class SessionCloser:
             for session in self._table.connecting:
                 session.cut |= which(session)  # what still waits is answered with ``why``
         if stop_codex:  # every connection ends with it, quickly
-            self._backend._codex.stop(deadline)
+            self._backend.codex.stop(deadline)
         for connection in connections:
             self._backend.connection_lost(connection, "", ending=why, answer=answer)
             connection.close()
@@ -1484,7 +1485,7 @@ class OverloadRetry:
         self.count = 0  # Codex's "retry later" answers, since start
 
     def later(self, session: "Session", connection: "CodexConnection", our_id: int,
-                     call: "Call") -> None:
+              call: "Call") -> None:
         """Codex said "retry later": the session's overloaded requests go again together
         after a backoff (doubling to 2 s while Codex keeps saying so).  Its reader goes on
         meanwhile (a sleep there would hold the replies to everything else it asked); the
@@ -1603,7 +1604,7 @@ class Connector:
         if closing is not None:
             closing.close()
         try:
-            websocket, process = self._backend._codex.connect()
+            websocket, process = self._backend.codex.connect()
         except CodexUnavailable as exc:
             with self._lock:
                 self._table.release(session)
@@ -2115,7 +2116,8 @@ class Session:
             self.threads = dict.fromkeys(threads[-SESSION_THREADS:])
             self.owned = dict.fromkeys(owned[-SESSION_OWNED:])
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            log.warning("session %s: ignoring its saved state: %r", rpc.session_name(self.key), exc)
+            log.warning("session %s: ignoring its saved state: %r", rpc.session_name(self.key),
+                        exc)
 
     def replay(self, own: Callable[[str, Any], bytes]) -> List[bytes]:
         """What a new connection is told before the client's next message; ``own(method,

@@ -987,8 +987,9 @@ class OrderedProducer:
         self._fatal_errors = tuple(getattr(errors, name) for name in (
             "UnknownProducerIdError", "OutOfOrderSequenceNumberError", "ProducerFencedError")
             if hasattr(errors, name))
-        self._permanent_errors = (ValueError, TypeError) + tuple(getattr(errors, name) for name in (
-            "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
+        self._permanent_errors = (ValueError, TypeError) + tuple(
+            getattr(errors, name) for name in (
+                "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
             if hasattr(errors, name))
         self._denied_errors = (errors.TopicAuthorizationFailedError,)
         self.client = kafka.KafkaProducer(**self.config)
@@ -1926,7 +1927,8 @@ class OffsetTracker:
             self._done.setdefault(partition, set())
             self._next[partition] = offsets[-1] + 1
         # Tied to this deque: a done() from before a revoke must not touch a later one.
-        return [functools.partial(self._mark_done, partition, pending, offset) for offset in offsets]
+        return [functools.partial(self._mark_done, partition, pending, offset)
+                for offset in offsets]
 
     def _mark_done(self, partition: Any, pending: Deque[int], offset: int) -> None:
         with self._lock:

@@ -811,7 +811,7 @@ def test_an_answered_request_outside_a_thread_leaves_the_session_idle():
     backend.handle(transport, {"id": asked["id"], "result": {"accessToken": "t"}},
                    route=rpc.Route(b"s"))
     assert session.idle()
-    codex_side = backend._codex.sockets[0].sent[-1]
+    codex_side = backend.codex.sockets[0].sent[-1]
     assert codex_side == {"id": 0, "result": {"accessToken": "t"}}, codex_side
 
 
@@ -829,7 +829,7 @@ def test_an_approval_is_answered_only_by_the_session_it_was_asked_of(caplog):
     for who, key in ((transport, b"b"), (other, b"a"), (transport, None)):
         backend.handle(who, {"id": asked, "result": {"decision": "accept"}},
                        route=rpc.Route(key))
-    codex_side = backend._codex.sockets[0].sent
+    codex_side = backend.codex.sockets[0].sent
     assert [m for m in codex_side if "result" in m] == [], codex_side
     assert caplog.text.count("asked of another session") == 3
     backend.handle(transport, {"id": asked, "result": {"decision": "accept"}},
