@@ -157,6 +157,7 @@ def test_second_signal_exits_at_once_non_zero(tmp_path, start_server):
                            "--shutdown-timeout", "60"], stdin=subprocess.PIPE)
     server.process.stdin.write(b'{"id":1,"method":"noop"}\n')
     server.process.stdin.flush()
+    server.wait_for_log("serving on")  # its signal handlers are in place (a busy machine)
     time.sleep(0.5)
     server.process.send_signal(signal.SIGTERM)
     server.wait_for_log("finishing queued messages")
