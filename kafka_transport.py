@@ -915,7 +915,8 @@ class _Send:
     """One record to produce, with what to call once the broker has it."""
 
     __slots__ = ("topic", "key", "value", "headers", "done", "session", "partition", "lane",
-                 "reply", "attempt", "due", "seq", "producer", "reply_id", "finished")
+                 "reply", "attempt", "due", "seq", "producer", "reply_id", "finished",
+                 "replaced")
 
     def __init__(self, topic: str, key: Optional[bytes], value: bytes,
                  headers: Optional[List[Tuple[str, bytes]]], done: Done,
@@ -932,6 +933,7 @@ class _Send:
         self.reply = reply  # answers a request (counted as replied once acknowledged)
         self.reply_id: Any = None  # the id of the request it answers (a reply's)
         self.finished = False  # acknowledged, or given up: done has run
+        self.replaced = False  # now the error reply that stands for what could not go
         self.attempt = 0
         self.due = 0.0
         self.seq = 0
@@ -959,6 +961,7 @@ class OrderedProducer:
         self.client: Any = None  # kafka-python's KafkaProducer
         self._fatal_errors: Tuple[type, ...] = ()
         self._denied_errors: Tuple[type, ...] = ()  # the ACLs refuse a write
+        self._too_large_errors: Tuple[type, ...] = ()  # the brokers' size limit refuses it
         self._permanent_errors: Tuple[type, ...] = ()
         self._broken: Optional[str] = None  # why the client must be replaced
         self._failing_since: Optional[float] = None  # no acknowledgement since then
@@ -992,6 +995,8 @@ class OrderedProducer:
                 "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidTopicError")
             if hasattr(errors, name))
         self._denied_errors = (errors.TopicAuthorizationFailedError,)
+        self._too_large_errors = tuple(getattr(errors, name) for name in (
+            "MessageSizeTooLargeError", "RecordTooLargeError") if hasattr(errors, name))
         self.client = kafka.KafkaProducer(**self.config)
 
     def discard(self) -> None:
@@ -1122,6 +1127,15 @@ class OrderedProducer:
     def _failed(self, send: _Send, error: Any) -> None:
         if isinstance(error, self._denied_errors) and not self._denied(send, error):
             return
+        if isinstance(error, self._too_large_errors):
+            # kafka-python 3.0.12 goes on failing the partition's later records with the same
+            # error: a new client, and the reply's error in its place.
+            self._broken = self._broken or f"the brokers refused a record as too large ({error})"
+            if self._error_instead(send, INTERNAL_ERROR, f"reply too large for the brokers: "
+                                   f"{len(send.value)} bytes (their message.max.bytes, or the "
+                                   "topic's max.message.bytes, is lower than "
+                                   "--kafka-max-message-bytes)", error):
+                return
         if isinstance(error, self._permanent_errors):
             # Sending it again cannot work: give it up, or its offset would never commit.
             self._give_up(send, error)
@@ -1161,20 +1175,33 @@ class OrderedProducer:
                 "Write --operation Describe --topic %s", send.topic, error, principal,
                 send.topic, level=logging.ERROR)
             return True
-        if send.reply and send.reply_id is not None:
-            message = error_response(send.reply_id, INVALID_REQUEST, f"reply topic {send.topic} "
-                                     "may not be written by this server (the brokers' ACLs)")
-            log.warning("session %s: reply topic %s: %s; the reply goes to %s as an error",
-                        session_name(send.session), send.topic, error, self.output_topic)
-            value = encode(message)
-            with self._lock:
-                self.unacked_bytes += len(value) - len(send.value)
-                send.topic, send.value, send.partition = self.output_topic, value, None
-                send.lane, send.due = (self.output_topic, send.session), 0.0
-                bisect.insort(self._held.setdefault(send.lane, []), send)
-            return False
-        self._give_up(send, error)
+        if not self._error_instead(send, INVALID_REQUEST, f"reply topic {send.topic} may not be "
+                                   "written by this server (the brokers' ACLs)", error,
+                                   self.output_topic):
+            self._give_up(send, error)
         return False
+
+    def _error_instead(self, send: _Send, code: int, text: str, error: Any,
+                       topic: Optional[str] = None) -> bool:
+        """A reply the brokers refuse becomes, once, an error reply to its request (to
+        ``topic``, in the session's place there, when given), held for a send at once in
+        its lane's order; False for anything else (nobody to tell)."""
+        if not send.reply or send.reply_id is None or send.replaced:
+            return False
+        log.error("session %s: %s: %s; an error reply goes in its place%s",
+                  session_name(send.session), text, error, f" (to {topic})" if topic else "")
+        value = encode(error_response(send.reply_id, code, text))
+        with self._lock:
+            self.unacked_bytes += len(value) - len(send.value)
+            # (a new attempt: a retry pass that handed it over keeps it first in its lane)
+            send.value, send.replaced, send.due = value, True, 0.0
+            send.attempt += 1
+            if topic is not None:
+                send.topic, send.partition, send.lane = topic, None, (topic, send.session)
+            lane = self._held.setdefault(send.lane, [])
+            if send not in lane:
+                bisect.insort(lane, send)
+        return True
 
     def _why_fatal(self, error: Any, client: Any) -> Optional[str]:
         """Why ``client`` is beyond recovery, or None: a fatal error class, kafka-python's
@@ -1249,9 +1276,10 @@ class SessionStore:
         it cannot be opened."""
         topic = self.topic
         try:
-            policy = _cleanup_policy(kafka, topic, {
-                key: value for key, value in consumer_config.items()
-                if key in kafka.KafkaAdminClient.DEFAULT_CONFIG})
+            policy = _topic_setting(kafka, topic, consumer_config, "cleanup.policy",
+                missing=f"session topic {topic} does not exist: create it with: kafka-topics.sh "
+                        f"--bootstrap-server HOST:PORT --create --topic {topic} --config "
+                        "cleanup.policy=compact")
             reader = dict(consumer_config)
             reader.pop("group_id", None)
             self._reader = kafka.KafkaConsumer(**reader)
@@ -1573,6 +1601,7 @@ class KafkaTransport:
         self._offsets = OffsetTracker()
         self._assigned: frozenset = frozenset()  # input partitions this server reads
         self._unroutable_log = LogThrottle()
+        self._output_limit: Optional[int] = None  # the output topic's max.message.bytes
         self._connection = BrokerConnection(self._consumer_config, self.producer,
                                             connect_timeout, self.waits_for_brokers)
         self._shutdown = threading.Event()
@@ -1662,36 +1691,47 @@ class KafkaTransport:
                  headers: Sequence[Tuple[str, bytes]] = ()) -> None:
         reply = "method" not in message
         value = encode_reply(message)
-        if value is not None and len(value) > self.max_message_bytes:
-            value = self._too_large(message, key, len(value))
-        if value is None:
-            done()
-            return
         all_headers = [(SESSION_HEADER, route.session)] if route.session is not None else []
         if reply:  # only the reply itself answers the correlation
             all_headers.extend(route.correlation)
         all_headers.extend(headers)
         topic = route.topic or self.output_topic
+        if value is not None and len(value) > self.max_message_bytes:
+            value = self._too_large(message, key, len(value))
+        elif value is not None and topic == self.output_topic and self._output_limit:
+            # What the brokers would refuse (kafka-python then fails the partition's later
+            # records too): a record's value, key, headers and batch overhead.
+            size = len(value) + len(key or b"") + 100 + sum(
+                len(name) + len(header) for name, header in all_headers)
+            if size > self._output_limit:
+                value = self._too_large(message, key, size, self._output_limit,
+                                        f"max.message.bytes of topic {self.output_topic}")
+        if value is None:
+            done()
+            return
         lane = (topic, route.session if route.partition is None else route.partition)
         record = _Send(topic, key, value, all_headers or None, done, route.session,
                        route.partition, lane, reply)
         record.reply_id = message.get("id") if reply else None
         self.producer.send(record)
 
-    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
+    def _too_large(self, message: Message, key: Optional[bytes], size: int,
+                   limit: Optional[int] = None,
+                   name: str = "--kafka-max-message-bytes") -> Optional[bytes]:
         """What goes instead of a message over the limit (None: nothing)."""
-        text = self._say_too_large("reply", key, size)
+        text = self._say_too_large("reply", key, size, limit, name)
         if key is None or "method" in message:
             return None
         return encode(error_response(message["id"], INTERNAL_ERROR, text))
 
-    def _say_too_large(self, what: str, key: Optional[bytes], size: int) -> str:
-        over = size - self.max_message_bytes
+    def _say_too_large(self, what: str, key: Optional[bytes], size: int,
+                       limit: Optional[int] = None,
+                       name: str = "--kafka-max-message-bytes") -> str:
+        limit = self.max_message_bytes if limit is None else limit
         log.error("%s too large for kafka (key %s): %d bytes, %d over the limit of %d "
-                  "(--kafka-max-message-bytes)", what, _shown(key), size, over,
-                  self.max_message_bytes)
-        return f"{what} too large for Kafka: {size} bytes, {over} bytes over the limit of " \
-               f"{self.max_message_bytes} (--kafka-max-message-bytes)"
+                  "(%s)", what, _shown(key), size, size - limit, limit, name)
+        return f"{what} too large for Kafka: {size} bytes, {size - limit} bytes over the " \
+               f"limit of {limit} ({name})"
 
     # Connecting --------------------------------------------------------
 
@@ -1705,11 +1745,27 @@ class KafkaTransport:
 
     def _start_reading(self, kafka: Any) -> None:
         """The session topic's reader, then the group's subscription."""
+        self._output_limit = self._look_up_limit(kafka)
         if self.store is not None:
             self.store.open(kafka, self._consumer_config)
         self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
         log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
                  self._consumer_config["group_id"])
+
+    def _look_up_limit(self, kafka: Any) -> Optional[int]:
+        """The output topic's max.message.bytes as the brokers report it (None: they do not,
+        or the topic does not exist yet): larger replies become errors here."""
+        try:
+            limit = _topic_setting(kafka, self.output_topic, self._consumer_config,
+                                   "max.message.bytes")
+        except Exception as exc:  # not known: the brokers' own refusal is handled too
+            log.debug("cannot read the settings of topic %s: %r", self.output_topic, exc)
+            return None
+        if limit is None or not limit.isdigit():
+            return None
+        log.info("topic %s takes records up to %s bytes (max.message.bytes): larger replies "
+                 "become errors", self.output_topic, limit)
+        return int(limit)
 
     # The consumer thread -----------------------------------------------
 
@@ -2100,16 +2156,20 @@ def _import_kafka() -> Any:
     return kafka
 
 
-def _cleanup_policy(kafka: Any, topic: str, config: Dict[str, Any]) -> Optional[str]:
-    """The topic's cleanup.policy as the brokers report it (None: they do not; Tansu, say);
-    FatalKafkaError when it does not exist."""
+def _topic_setting(kafka: Any, topic: str, config: Dict[str, Any], name: str,
+                   missing: Optional[str] = None) -> Optional[str]:
+    """The topic's setting ``name`` as the brokers report it (None: they do not, Tansu say,
+    or the topic does not exist), asked with the admin settings of a client's ``config``;
+    FatalKafkaError(``missing``) when it does not exist and ``missing`` says why that is
+    fatal."""
     from kafka.admin import ConfigResource, ConfigResourceType
-    admin = kafka.KafkaAdminClient(**config)
+    admin = kafka.KafkaAdminClient(**{key: value for key, value in config.items()
+                                      if key in kafka.KafkaAdminClient.DEFAULT_CONFIG})
     try:
         if topic not in admin.list_topics():
-            raise FatalKafkaError(f"session topic {topic} does not exist: create it with: "
-                                  f"kafka-topics.sh --bootstrap-server HOST:PORT --create "
-                                  f"--topic {topic} --config cleanup.policy=compact")
+            if missing is not None:
+                raise FatalKafkaError(missing)
+            return None
         resource = [ConfigResource(ConfigResourceType.TOPIC, topic)]
         try:  # kafka-python 3 reports only the settings changed from the broker's default
             described = admin.describe_configs(resource, config_filter="all")
@@ -2118,14 +2178,14 @@ def _cleanup_policy(kafka: Any, topic: str, config: Dict[str, Any]) -> Optional[
     finally:
         admin.close()
     if isinstance(described, dict):  # kafka-python 3: {"topic": {name: {setting: ...}}}
-        policy = described.get("topic", {}).get(topic, {}).get("cleanup.policy")
-        policy = policy.get("value") if isinstance(policy, dict) else policy
-        return None if policy is None else str(policy)
+        value = described.get("topic", {}).get(topic, {}).get(name)
+        value = value.get("value") if isinstance(value, dict) else value
+        return None if value is None else str(value)
     for response in described or ():  # kafka-python-ng: the protocol's responses
         for resource_entry in getattr(response, "resources", ()):
             for entry in resource_entry[4]:
-                if entry[0] == "cleanup.policy":
-                    return str(entry[1])
+                if entry[0] == name:
+                    return None if entry[1] is None else str(entry[1])
     return None
 
 
