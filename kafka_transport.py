@@ -1146,8 +1146,9 @@ class OrderedProducer:
         send.attempt += 1
         delay = min(0.1 * 2 ** min(send.attempt, 6), 5.0)
         send.due = time.monotonic() + delay
-        log.warning("failed to send kafka message (key %s) to %s: %s; retry %d in %.1f s",
-                    _shown(send.key), send.topic, error, send.attempt, delay)
+        log.warning("failed to send kafka message (key %s) to %s: %s%s; retry %d in %.1f s",
+                    _shown(send.key), send.topic, error, _missing_topic_hint(error, send.topic),
+                    send.attempt, delay)
         with self._lock:
             self.counts["send_retries"] += 1
             # Its session's later records wait behind it, in their order.
@@ -1969,6 +1970,7 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._last_commit = 0.0
+        self._failed_log = LogThrottle(burst=5, period=10.0)
         self._lock = threading.Lock()  # the tables (see above)
         self._pending: Dict[Any, Deque[int]] = {}  # taken, not yet done, in offset order
         self._done: Dict[Any, Set[int]] = {}  # done out of order, still behind the first
@@ -2057,12 +2059,12 @@ class OffsetTracker:
                 consumer.commit_async(offsets=offsets, callback=self._committed)
         except Exception as exc:
             self.commit_failed(points)
-            log.warning("kafka offset commit failed: %s", exc)
+            self._failed_log.warning(log, "kafka offset commit failed: %s", exc)
 
     def _committed(self, offsets: Any, response: Any) -> None:
         if isinstance(response, Exception):
             self.commit_failed({tp: meta.offset for tp, meta in offsets.items()})
-            log.warning("kafka offset commit failed: %s", response)
+            self._failed_log.warning(log, "kafka offset commit failed: %s", response)
 
     def look(self, consumer: Any, last: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Per assigned partition: position, committed offset and lag (behind the high
@@ -2079,6 +2081,14 @@ class OffsetTracker:
             log.debug("statistics: cannot read the input positions: %r", exc)
             return last
         return looks
+
+
+def _missing_topic_hint(error: Any, topic: str) -> str:
+    """What a send failing for want of metadata most likely means."""
+    if isinstance(error, LookupError) or "metadata" in str(error).lower():
+        return f" (do the brokers have topic {topic}? Without auto.create.topics.enable " \
+               "it must be created)"
+    return ""
 
 
 def _fallback_route(key: Optional[bytes], headers: Any) -> Route:
