@@ -1255,6 +1255,8 @@ class SessionStore:
         self._reader: Any = None  # a consumer of every partition, no group
         self.behind = True  # read it to its end before taking the next records
         self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
+        self._principal = "NAME"  # (for the kafka-acls.sh lines)
+        self._denied_log = LogThrottle(burst=10, period=30.0)
         self._lock = threading.Lock()  # the states (see above)
 
     def load(self, session: Optional[bytes]) -> Optional[bytes]:
@@ -1276,6 +1278,7 @@ class SessionStore:
         it is not compacted (an old state would then be lost, or outlive its sessions), or
         it cannot be opened."""
         topic = self.topic
+        self._principal = consumer_config.get("sasl_plain_username") or "NAME"
         try:
             policy = _topic_setting(kafka, topic, consumer_config, "cleanup.policy",
                 missing=f"session topic {topic} does not exist: create it with: kafka-topics.sh "
@@ -1287,10 +1290,19 @@ class SessionStore:
             partitions = [kafka.TopicPartition(topic, partition) for partition in
                           sorted(self._reader.partitions_for_topic(topic) or ())]
         except kafka.errors.KafkaError as exc:
-            raise FatalKafkaError(f"cannot open session topic {topic}: {exc}") from None
+            grant = ""
+            if isinstance(exc, kafka.errors.TopicAuthorizationFailedError):
+                grant = (f" (the brokers' ACLs: grant it with: kafka-acls.sh --bootstrap-server "
+                         f"HOST:PORT --add --allow-principal User:{self._principal} --operation "
+                         "Read --operation Write --operation Describe --operation "
+                         f"DescribeConfigs --topic {topic})")
+            raise FatalKafkaError(f"cannot open session topic {topic}: {exc}{grant}") from None
         if policy is None:
             log.warning("the brokers do not report the cleanup.policy of session topic %s: "
-                        "make sure it is compacted (cleanup.policy=compact)", topic)
+                        "make sure it is compacted (cleanup.policy=compact); with ACLs, they "
+                        "report it once this server may read its settings: kafka-acls.sh "
+                        "--bootstrap-server HOST:PORT --add --allow-principal User:%s "
+                        "--operation DescribeConfigs --topic %s", topic, self._principal, topic)
         elif "compact" not in policy:
             raise FatalKafkaError(f"session topic {topic} has cleanup.policy={policy}: it must "
                                   "be compacted (cleanup.policy=compact), or it loses the state "
@@ -1298,10 +1310,11 @@ class SessionStore:
         self._reader.assign(partitions)
         self._reader.seek_to_beginning(*partitions)
 
-    def read(self) -> bool:
+    def read(self, denied_is_fatal: bool = False) -> bool:
         """Read the topic to its end as of now: every session's last saved state; False
         when it cannot be read (now).  What this server saves meanwhile is newer than what
-        is read, so it is kept."""
+        is read, so it is kept.  Refused by the brokers' ACLs: an ERROR naming the grant,
+        or (``denied_is_fatal``, at start) FatalKafkaError."""
         reader, started = self._reader, time.monotonic()
         with self._lock:
             self._saved_meanwhile = set()
@@ -1319,6 +1332,16 @@ class SessionStore:
                                 self._states[record.key] = record.value
                                 read += 1
         except Exception as exc:  # the broker is away: records wait, and it is read again
+            if type(exc).__name__ == "TopicAuthorizationFailedError":
+                text = (f"the brokers' ACLs do not let this server read session topic "
+                        f"{self.topic} ({exc}): grant it with: kafka-acls.sh "
+                        f"--bootstrap-server HOST:PORT --add --allow-principal User:"
+                        f"{self._principal} --operation Read --operation Write --operation "
+                        f"Describe --operation DescribeConfigs --topic {self.topic}")
+                if denied_is_fatal:
+                    raise FatalKafkaError(text) from None
+                self._denied_log.warning(log, "%s; the input waits", text, level=logging.ERROR)
+                return False
             log.warning("session topic %s cannot be read (%s): the input waits", self.topic, exc)
             return False
         finally:
@@ -1792,7 +1815,8 @@ class KafkaTransport:
                 log.exception("kafka poll failed unexpectedly")
                 self._shutdown.wait(0.5)
                 continue
-            if self.store is not None and self.store.behind and not self.store.read():
+            if self.store is not None and self.store.behind \
+                    and not self.store.read(denied_is_fatal=not self._was_ready):
                 for partition, records in batches.items():  # taken after it is read
                     consumer.seek(partition, records[0].offset)
                 self._shutdown.wait(1.0)
