@@ -12,7 +12,7 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from conftest import KafkaClient, Topics, local_broker
+from harness import KafkaClient, Topics, local_broker
 
 BUILTIN = ["--backend", "builtin"]
 
