@@ -1,44 +1,25 @@
 """Shared fixtures: a real Tansu broker per session, fresh topics per test, the
-server as a real subprocess, and a kafka-python client on the two topics.
+server as a real subprocess, a kafka-python client on the two topics, and Codex with the
+mock model.  What they are built of is in harness.py.
 
 Nothing here skips: a missing broker or Codex is an error, so CI cannot pass
 without running every test.
 """
 
-import importlib.machinery
-import importlib.util
-import json
 import os
 import signal
 import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the two modules, also when not pip-installed
-SERVER = str(ROOT / "codex_app_server.py")
+import harness
+from harness import ROOT, SERVER  # noqa: F401 (tests/test_units.py imports them from here)
+from harness import KafkaClient, ServerProcess, Topics
+from mock_responses import MockResponsesServer
+
 TEST_TIMEOUT = int(os.environ.get("TEST_TIMEOUT", "150"))
-# Tansu holds a group join for half the session timeout: tune it down (tests only).
-TANSU_TUNING = ["-X", "session.timeout.ms=2000", "-X", "heartbeat.interval.ms=500",
-                "-X", "fetch.wait.max.ms=10"]
-
-
-def load_script(name: str) -> Any:
-    """Import an extension-less script from scripts/ as a module."""
-    path = str(ROOT / "scripts" / name)
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-local_broker = load_script("local-broker")
 
 
 # --- every test bounded in time; no skips --------------------------------------
@@ -79,31 +60,9 @@ collect_ignore = ["test_apache_kafka.py"] if TEST_BROKER != "apache-kafka" else 
 def broker():
     if TEST_BROKER not in ("tansu", "apache-kafka"):
         pytest.fail(f"TEST_BROKER={TEST_BROKER!r}: tansu or apache-kafka", pytrace=False)
-    started = local_broker.start_apache_kafka(0) if TEST_BROKER == "apache-kafka" \
-        else local_broker.start_broker(0)
+    started = harness.start_broker(TEST_BROKER)
     yield started
-    local_broker.stop_broker(started)
-
-
-class Topics:
-    def __init__(self, bootstrap: str, create: bool = True, **client_settings: Any):
-        self.bootstrap = bootstrap
-        self.client_settings = client_settings
-        base = "t" + uuid.uuid4().hex[:10]
-        self.input = base + ".in"
-        self.output = base + ".out"
-        self.group = base + ".group"
-        if create:
-            self.create()
-
-    def create(self) -> None:
-        local_broker.create_topics(self.bootstrap, [self.input, self.output],
-                                   **self.client_settings)
-
-    def server_args(self, *extra: str, group: Optional[str] = None) -> List[str]:
-        return ["--kafka-bootstrap-servers", self.bootstrap, "--kafka-input-topic", self.input,
-                "--kafka-output-topic", self.output, "--kafka-group-id", group or self.group,
-                *TANSU_TUNING, *extra]
+    harness.stop_broker(started)
 
 
 @pytest.fixture
@@ -112,49 +71,6 @@ def topics(broker) -> Topics:
 
 
 # --- the server as a subprocess -----------------------------------------------
-
-class ServerProcess:
-    """codex_app_server.py as a child; stderr goes to a file the test can read."""
-
-    def __init__(self, args: List[str], log_path: Path, env: Optional[Dict[str, str]] = None,
-                 stdin: Any = subprocess.DEVNULL, preexec_fn: Any = None):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, SERVER, *args], stdin=stdin,
-                                        stdout=subprocess.PIPE, stderr=self._log,
-                                        env=env, cwd=str(ROOT), preexec_fn=preexec_fn)
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log.count(text) >= count:
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited ({self.process.returncode}) before "
-                                     f"logging {text!r}:\n{self.log}")
-            time.sleep(0.02)
-        raise AssertionError(f"server did not log {text!r} within {timeout} s:\n{self.log}")
-
-    def wait_ready(self, timeout: float = 30.0) -> "ServerProcess":
-        self.wait_for_log("kafka transport ready", timeout)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise AssertionError(f"server did not stop within {timeout} s:\n{self.log}")
-        self._log.close()
-        return self.process.returncode
-
 
 @pytest.fixture
 def start_server(tmp_path) -> Callable[..., ServerProcess]:
@@ -172,116 +88,72 @@ def start_server(tmp_path) -> Callable[..., ServerProcess]:
             server.process.wait()
 
 
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0,
-               partition: int = 0) -> List[Any]:
-    """The records of one partition from its start, once ``count`` are there (or at
-    ``timeout``, with what there is)."""
-    return read_partitions(bootstrap, topic, [partition], count, timeout)[partition]
-
-
-def read_partitions(bootstrap: str, topic: str, partitions: List[int], count: int,
-                    timeout: float = 20.0) -> Dict[int, List[Any]]:
-    """{partition: its records from the start}, once ``count`` are there in all."""
-    from kafka import KafkaConsumer, TopicPartition
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    consumer.assign([TopicPartition(topic, partition) for partition in partitions])
-    consumer.seek_to_beginning()
-    found: Dict[int, List[Any]] = {partition: [] for partition in partitions}
-    deadline = time.monotonic() + timeout
-    while sum(map(len, found.values())) < count and time.monotonic() < deadline:
-        for tp, batch in consumer.poll(timeout_ms=200).items():
-            found[tp.partition].extend(batch)
-    consumer.close()
-    return found
-
-
-# --- a Kafka client on the server's topics -------------------------------------
-
-Reply = Tuple[Optional[str], Any]  # (key, decoded value)
-
-
-class KafkaClient:
-    """Produces to the input topic as one session (the record key; None: the default
-    session); reads that session's records of the output topic from its start."""
-
-    def __init__(self, topics: Topics, session: Optional[bytes] = None, partition: Any = 0,
-                 topic: Optional[str] = None, every_session: bool = False):
-        self.session = session
-        self.every_session = every_session  # read the records of every session
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-        self.topics = topics
-        settings = dict(topics.client_settings, bootstrap_servers=topics.bootstrap)
-        self.producer = KafkaProducer(acks="all", **settings)
-        self.consumer = KafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=10, **settings)
-        # (a list: those partitions, as with a topic that several servers write to)
-        self.consumer.assign([TopicPartition(topic or topics.output, number) for number in
-                              (partition if isinstance(partition, list) else [partition])])
-        self.consumer.seek_to_beginning()
-        self.seen: List[Reply] = []
-        self.headers: List[List[Tuple[str, bytes]]] = []  # of each record in seen
-
-    def send(self, message: Any, key: Optional[bytes] = None) -> None:
-        value = message if isinstance(message, (bytes, type(None))) else \
-            json.dumps(message).encode()
-        self.producer.send(self.topics.input, value=value, key=key or self.session
-                           ).get(timeout=10)
-
-    def poll(self) -> List[Reply]:
-        new = []
-        for records in self.consumer.poll(timeout_ms=50).values():
-            for record in records:
-                if dict(record.headers or []).get("codex-session") != self.session \
-                        and not self.every_session:
-                    continue  # another session's
-                key = record.key.decode() if record.key is not None else None
-                new.append((key, json.loads(record.value)))
-                self.headers.append(list(record.headers or []))
-        self.seen.extend(new)
-        return new
-
-    def wait_for(self, predicate: Callable[[Optional[str], Any], bool],
-                 timeout: float = 20.0) -> Reply:
-        """First message (already seen or new) matching predicate(key, value)."""
-        deadline = time.monotonic() + timeout
-        checked = 0
-        while True:
-            for key, value in self.seen[checked:]:
-                if predicate(key, value):
-                    return key, value
-            checked = len(self.seen)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no matching message within {timeout} s; seen: "
-                                     f"{self.seen[-20:]}")
-            self.poll()
-
-    def reply(self, msg_id: Any, timeout: float = 20.0) -> Reply:
-        """The response or error whose id is msg_id."""
-        return self.wait_for(lambda key, value: isinstance(value, dict) and "method" not in value
-                             and value.get("id") == msg_id, timeout)
-
-    def quiet(self, seconds: float) -> List[Reply]:
-        """Everything that arrives within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        new: List[Reply] = []
-        while time.monotonic() < deadline:
-            new.extend(self.poll())
-        return new
-
-    def close(self) -> None:
-        self.producer.close()
-        self.consumer.close()
-
-
 @pytest.fixture
 def client(topics) -> KafkaClient:
     kafka_client = KafkaClient(topics)
     yield kafka_client
     kafka_client.close()
+
+
+# --- Codex with the mock model ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def codex_bin() -> str:
+    codex, version = harness.CODEX_BIN, harness.CODEX_VERSION
+    install = f"run `npm install @openai/codex@{version}` in " \
+              f"{codex.parents[6]} (scripts/test does)"
+    if not codex.is_file() or not os.access(str(codex), os.X_OK):
+        pytest.fail(f"Codex binary not found at {codex}: {install}", pytrace=False)
+    try:
+        found = subprocess.run([str(codex), "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"cannot run {codex} --version ({exc}): {install}", pytrace=False)
+    if found.returncode != 0:
+        pytest.fail(f"{codex} --version failed: {found.stderr!r}: {install}", pytrace=False)
+    if version not in found.stdout.decode(errors="replace"):
+        pytest.fail(f"{codex} is {found.stdout!r}, not {version}: {install}", pytrace=False)
+    return str(codex)
+
+
+@pytest.fixture
+def mock_model() -> Iterator[MockResponsesServer]:
+    with MockResponsesServer() as mock:
+        yield mock
+
+
+@pytest.fixture
+def codex_home(mock_model: MockResponsesServer) -> Iterator[Path]:
+    home = harness.make_codex_home(harness.HOMES, mock_model.base_url)
+    yield home
+    harness.remove_codex_home(home)
+
+
+@pytest.fixture
+def codex_env(codex_home: Path) -> Dict[str, str]:
+    return harness.codex_env(codex_home)
+
+
+@pytest.fixture
+def codex_server(start_server, codex_bin, codex_env) -> Iterator[Callable[..., ServerProcess]]:
+    """Start the server with the Codex backend (over Kafka when given ``topics``).
+
+    Afterwards: SIGTERM (a graceful stop closes Codex's stdin), then SIGKILL by
+    PID any Codex child the server logged that is still alive.
+    """
+    started: List[ServerProcess] = []
+
+    def start(topics: Optional[Topics] = None, *extra: str, **kwargs: Any) -> ServerProcess:
+        args = harness.codex_args(codex_bin) + (topics.server_args(*extra) if topics
+                                                else list(extra))
+        server = start_server(args, env=codex_env, **kwargs)
+        started.append(server)
+        return server.wait_ready() if topics else server
+
+    yield start
+    for server in started:
+        try:
+            server.stop()
+        except AssertionError:
+            pass  # start_server's teardown kills it
+        for pid in harness.logged_codex_pids(server):
+            harness.kill_if(pid, codex_bin)

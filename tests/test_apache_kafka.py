@@ -1,6 +1,8 @@
-"""Issue 21, first part: the reference's own smoke test (section 5) with Kafka's own tools,
-on Apache Kafka itself: kafka-console-producer publishes the request, the reply is read
-back, and kafka-consumer-groups shows the server's group caught up (section 4, item 5).
+"""On Apache Kafka itself (issue 21): the reference's own smoke test (section 5) with Kafka's
+own tools (kafka-console-producer publishes the request, the reply is read back, and
+kafka-consumer-groups shows the server's group caught up: section 4, item 5); SASL logins;
+the ACLs of section 4, the session, dead-letter and stats topics' included; and bad input
+from the broker side (a topic's max.message.bytes, a deleted output topic, a restart).
 Collected only with TEST_BROKER=apache-kafka (scripts/test runs it so); the tools come from
 the same Maven-fetched jars as the broker."""
 
@@ -8,11 +10,11 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from conftest import KafkaClient, Topics, local_broker
+from harness import CLIENT_INFO, KafkaClient, Topics, codex_args, local_broker
 
 BUILTIN = ["--backend", "builtin"]
 
@@ -173,7 +175,7 @@ def test_a_missing_read_acl_is_exit_3_with_the_line_that_grants_it(
     what = named.format(group=topics.group, input=topics.input)
     assert f"the brokers' ACLs do not let this server {what}" in server.log, server.log
     kind = "--group " + topics.group if missing[1] == "GROUP" else "--topic " + topics.input
-    assert f"--allow-principal User:bob --operation Read" in server.log
+    assert "--allow-principal User:bob --operation Read" in server.log
     assert kind in server.log.split("grant it with:")[-1], server.log
 
 
@@ -237,3 +239,199 @@ def test_an_input_topic_created_after_the_server_joined_is_read_at_once(broker, 
     finally:
         client.close()
     assert server.stop() == 0
+
+
+# --- bad input from the broker side ---------------------------------------------------------
+
+def read_replies(bootstrap: str, topic: str, want: int, timeout: float) -> List[Dict[str, Any]]:
+    """The replies on ``topic`` (partition 0, from its start), once ``want`` distinct ids came
+    (or at ``timeout``)."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=500)
+    partition = TopicPartition(topic, 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    replies: List[Dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len({reply.get("id") for reply in replies}) < want \
+                and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                replies.extend(json.loads(record.value) for record in records)
+    finally:
+        consumer.close()
+    return replies
+
+
+def produce(bootstrap: str, topic: str, messages: List[Dict[str, Any]]) -> None:
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    try:
+        for message in messages:
+            producer.send(topic, key=b"faults", value=json.dumps(message).encode())
+        producer.flush(60)
+    finally:
+        producer.close(10)
+
+
+def test_a_reply_over_the_topics_max_message_bytes_is_its_error_and_the_rest_flow(
+        broker, start_server):
+    topics = Topics(broker.bootstrap, create=False)
+    local_broker.create_topics(broker.bootstrap, [topics.input])
+    local_broker.create_topics(broker.bootstrap, [topics.output],
+                               configs={"max.message.bytes": "2000"})
+    server = start_server(topics.server_args(*BUILTIN)).wait_ready()
+    assert "takes records up to 2000 bytes (max.message.bytes)" in server.log
+    produce(broker.bootstrap, topics.input, [
+        {"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"big": "x" * 5000}},
+        {"jsonrpc": "2.0", "id": 2, "method": "noop", "params": {}}])
+    replies = {reply["id"]: reply for reply in read_replies(broker.bootstrap, topics.output, 2,
+                                                            timeout=30)}
+    assert f"max.message.bytes of topic {topics.output}" in replies[1]["error"]["message"]
+    assert replies[2]["result"] == {}
+    assert server.stop() == 0, server.log
+
+
+@pytest.fixture(scope="module")
+def strict_broker():
+    """An Apache Kafka of this module's own that creates no topic on demand."""
+    started = local_broker.start_apache_kafka(0, settings={"auto.create.topics.enable": "false"})
+    yield started
+    local_broker.stop_broker(started)
+
+
+def test_a_deleted_output_topic_holds_replies_until_it_is_back(strict_broker, start_server):
+    from kafka.admin import KafkaAdminClient
+    topics = Topics(strict_broker.bootstrap)
+    server = start_server(topics.server_args(*BUILTIN)).wait_ready()
+    admin = KafkaAdminClient(bootstrap_servers=strict_broker.bootstrap)
+    try:
+        admin.delete_topics([topics.output])
+        time.sleep(2)
+        produce(strict_broker.bootstrap, topics.input, [
+            {"jsonrpc": "2.0", "id": "held", "method": "noop", "params": {}}])
+        server.wait_for_log(f"to {topics.output}", timeout=60)  # the WARNING naming it
+        assert server.process.poll() is None
+        local_broker.create_topics(strict_broker.bootstrap, [topics.output])
+        replies = read_replies(strict_broker.bootstrap, topics.output, 1, timeout=60)
+        assert [reply["id"] for reply in replies][:1] == ["held"], server.log[-3000:]
+    finally:
+        admin.close()
+    assert server.stop() == 0, server.log
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(strict_broker, start_server):
+    topics = Topics(strict_broker.bootstrap)
+    server = start_server(topics.server_args(*BUILTIN)).wait_ready()
+    produce(strict_broker.bootstrap, topics.input, [
+        {"jsonrpc": "2.0", "id": n, "method": "noop", "params": {}} for n in range(100)])
+    local_broker.restart_apache_kafka(strict_broker)  # data on disk: the topics stay
+    produce(strict_broker.bootstrap, topics.input, [
+        {"jsonrpc": "2.0", "id": n, "method": "noop", "params": {}} for n in range(100, 200)])
+    replies = read_replies(strict_broker.bootstrap, topics.output, 200, timeout=120)
+    assert {reply["id"] for reply in replies} == set(range(200)), server.log[-3000:]
+    assert server.process.poll() is None
+    assert server.stop() == 0, server.log
+
+
+# --- ACLs of the session, dead-letter and statistics topics ---------------------------------
+
+
+
+
+def own_topic_grants(store: str, dead: str, stats: str) -> List[Any]:
+    """What docs/kafka.md, section 4, adds for the session, dead-letter and stats topics."""
+    return [(operation, "TOPIC", store) for operation in
+            ("READ", "WRITE", "DESCRIBE", "DESCRIBE_CONFIGS")] + \
+        [(operation, "TOPIC", topic) for topic in (dead, stats) for operation in
+         ("WRITE", "DESCRIBE")]
+
+
+def own_topics(broker: Any, topics: Topics) -> List[str]:
+    store, dead, stats = (topics.input + suffix for suffix in (".sessions", ".dead", ".stats"))
+    local_broker.create_topics(broker.bootstrap, [store], configs={"cleanup.policy": "compact"})
+    local_broker.create_topics(broker.bootstrap, [dead, stats])
+    return [store, dead, stats]
+
+
+def bob_with_own_topics(broker, topics, start_server, codex_bin, codex_env, store, dead,
+                        stats) -> Any:
+    """The Codex backend as bob (the session topic keeps its sessions), with all three."""
+    args = codex_args(codex_bin) + topics.server_args(
+        "--kafka-connect-timeout", "10", "--kafka-session-topic", store,
+        "--kafka-dead-letter-topic", dead, "--stats-topic", stats,
+        "-X", "statistics.interval.ms=1000", "-X", "security.protocol=SASL_PLAINTEXT",
+        "-X", "sasl.mechanism=PLAIN", "-X", f"sasl.username={local_broker.ACL_USER}",
+        "-X", f"sasl.password={local_broker.SASL_PASSWORD}")
+    args[args.index("--kafka-bootstrap-servers") + 1] = broker.sasl_bootstrap
+    return start_server(args, env=codex_env)
+
+
+def test_the_documented_acls_cover_the_session_dead_letter_and_stats_topics(
+        broker, start_server, codex_bin, codex_env):
+    topics = Topics(broker.bootstrap)
+    store, dead, stats = own_topics(broker, topics)
+    acls(broker.bootstrap, documented(topics) + own_topic_grants(store, dead, stats))
+    server = bob_with_own_topics(broker, topics, start_server, codex_bin, codex_env, store,
+                                 dead, stats)
+    server.wait_ready(60)
+    produce(broker.bootstrap, topics.input, [{"jsonrpc": "2.0", "id": "init", "method":
+                                              "initialize", "params": {"clientInfo": CLIENT_INFO}}])
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer.send(topics.input, key=b"faults", value=b"not json")
+    producer.flush(30)
+    producer.close(10)
+    replies = read_replies(broker.bootstrap, topics.output, 1, timeout=60)
+    assert "result" in replies[0] and replies[0]["id"] == "init", replies
+    assert read_replies_raw(broker.bootstrap, store, 1, 30)  # its session's state, saved
+    assert read_replies_raw(broker.bootstrap, dead, 1, 30) == [b"not json"]
+    assert read_replies_raw(broker.bootstrap, stats, 1, 30)  # statistics records too
+    assert "ACLs do not let" not in server.log and "cannot send statistics" not in server.log
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.parametrize("missing", ["READ", "DESCRIBE_CONFIGS"])
+def test_each_missing_acl_of_the_session_topic_is_named_with_its_grant(
+        broker, start_server, codex_bin, codex_env, missing):
+    """No Read: exit 3 with the line that grants it.  No DescribeConfigs: the brokers hide
+    its cleanup.policy, and the WARNING says which grant shows it."""
+    topics = Topics(broker.bootstrap)
+    store, dead, stats = own_topics(broker, topics)
+    # A saved state to read (an empty topic is read to its end without a fetch).
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer.send(store, key=b"earlier", value=b'{"threads": []}').get(30)
+    producer.close(10)
+    acls(broker.bootstrap, documented(topics) + [
+        grant for grant in own_topic_grants(store, dead, stats)
+        if grant[0] != missing or grant[2] != store])
+    server = bob_with_own_topics(broker, topics, start_server, codex_bin, codex_env, store,
+                                 dead, stats)
+    if missing == "READ":
+        assert server.process.wait(60) == 3, server.log
+        assert f"do not let this server read session topic {store}" in server.log
+        assert f"--operation Read --operation Write --operation Describe --operation " \
+               f"DescribeConfigs --topic {store}" in server.log, server.log
+    else:
+        server.wait_ready(60)
+        assert f"do not report the cleanup.policy of session topic {store}" in server.log
+        assert f"User:bob --operation DescribeConfigs --topic {store}" in server.log
+        assert server.stop() == 0, server.log
+
+
+def read_replies_raw(bootstrap: str, topic: str, want: int, timeout: float) -> List[bytes]:
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    partition = TopicPartition(topic, 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    values: List[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) < want and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                values.extend(record.value for record in records)
+    finally:
+        consumer.close()
+    return values

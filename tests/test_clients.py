@@ -10,12 +10,8 @@ import time
 
 import kafka
 import kafka_transport as rpc
-from conftest import SERVER, Topics, local_broker
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    from kafka.partitioner.default import murmur2
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+from harness import SERVER, Topics, local_broker
+from kafka_transport import partition_of
 
 
 def read(bootstrap: str, topic: str, partition: int, count: int) -> list:

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import pytest
 
 import kafka_transport as rpc
-from conftest import KafkaClient, ServerProcess, local_broker, peak_rss_mb, read_topic
+from harness import KafkaClient, ServerProcess, local_broker, peak_rss_mb, read_topic
 
 BUILTIN = ["--backend", "builtin"]
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261124"))

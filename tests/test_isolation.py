@@ -3,14 +3,12 @@ Real broker; real Codex (mock model) for the threads, the builtin backend for th
 
 import json
 import subprocess
-import uuid
-from typing import Any, Dict
 
-from conftest import KafkaClient, Topics, local_broker, read_topic
-from test_codex import (  # noqa: F401 (fixtures)
-    CLIENT_INFO, WAIT, StdioClient, codex_bin, codex_env, codex_home, codex_server, initialize,
-    mock_model, notification, request, text_input)
 import kafka_transport as rpc
+from harness import (
+    CLIENT_INFO, WAIT, KafkaClient, StdioClient, Topics, assert_refused_like_a_missing_thread,
+    initialize, local_broker, notification, read_topic, request, text_input)
+
 
 def test_the_servers_own_topics_are_never_reply_topics(broker, codex_server):
     """Not even when --kafka-reply-topic-pattern allows them: a reply keyed by a client's
@@ -49,29 +47,6 @@ def test_the_servers_own_topics_are_never_reply_topics(broker, codex_server):
     finally:
         client.close()
     assert server.stop() == 0
-
-
-def comparable(error: Dict[str, Any], thread: str) -> str:
-    return json.dumps(error).replace(thread, "THREAD")
-
-
-def assert_refused_like_a_missing_thread(mallory: KafkaClient, thread: str) -> None:
-    """Every request naming ``thread`` gets what a thread that does not exist gets."""
-    missing = str(uuid.uuid4())
-    calls = [("thread/read", {"includeTurns": True}), ("thread/resume", {}), ("thread/fork", {}),
-             ("thread/name/set", {"name": "mine now"}), ("thread/archive", {}),
-             ("thread/unarchive", {}), ("turn/start", {"input": text_input("hi")}),
-             ("thread/turns/list", {}), ("review/start", {"target": {"type": "uncommittedChanges"}})]
-    for n, (method, params) in enumerate(calls):
-        errors = []
-        for m, target in enumerate((thread, missing)):
-            msg_id = f"{method}-{n}-{m}"
-            mallory.send({"id": msg_id, "method": method, "params": dict(params,
-                                                                         threadId=target)})
-            _, reply = mallory.reply(msg_id, WAIT)
-            assert "error" in reply, (method, reply)
-            errors.append(comparable(reply["error"], target))
-        assert errors[0] == errors[1], (method, errors)
 
 
 def test_a_session_cannot_reach_another_sessions_thread(codex_server, topics, mock_model):

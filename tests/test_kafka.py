@@ -8,7 +8,7 @@ import threading
 import time
 
 import kafka_transport as rpc
-from conftest import ROOT, TANSU_TUNING
+from harness import ROOT, TANSU_TUNING
 
 BUILTIN = ["--backend", "builtin"]
 NOOP = {"jsonrpc": "2.0", "id": 1, "method": "noop", "params": {}}  # the reference's request
@@ -225,7 +225,7 @@ def test_kafka_rpc_script_times_out_without_a_server(topics):
 
 def test_statistics_lines_and_topic(topics, client, start_server):
     """-X statistics.interval.ms: one INFO line of JSON counts, also on --stats-topic."""
-    from conftest import local_broker, read_topic
+    from harness import local_broker, read_topic
     stats_topic = topics.output + ".stats"
     local_broker.create_topics(topics.bootstrap, [stats_topic])
     server = start_server(topics.server_args(

@@ -13,9 +13,8 @@ from typing import Dict, List, Set
 
 import pytest
 
-from conftest import ROOT
-from test_codex import CODEX_VERSION, codex_bin  # noqa: F401 (fixture)
 from codex_app_server import MethodPolicy
+from harness import CODEX_VERSION, ROOT
 
 # Changes what Codex is or may do beyond a conversation, or reaches past it into the host:
 # its configuration, accounts and credentials, installs (plugins, skills, marketplaces), MCP

@@ -16,12 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from conftest import ROOT, Topics, read_topic
-from test_codex import (  # noqa: F401 (fixtures)
-    WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model, request,
-    text_input)
+from harness import ROOT, SERVER, WAIT, Topics, read_topic, text_input
 
-SERVER = ROOT / "codex_app_server.py"
 KAFKA_RPC = ROOT / "scripts" / "kafka-rpc"
 
 
@@ -289,7 +285,7 @@ def test_unreachable_broker_is_an_error_exit(proxies, tmp_path):
 def test_reply_topic_of_its_own(broker, start_server, proxies):
     topics = Topics(broker.bootstrap)
     mine = topics.output + ".mine"
-    from conftest import local_broker
+    from harness import local_broker
     local_broker.create_topics(broker.bootstrap, [mine], partitions=2)
     start_server(["--backend", "builtin"] + topics.server_args()).wait_ready()
     proxy = proxies(proxy_argv(topics, "--kafka-reply-topic", mine))

@@ -12,7 +12,7 @@ from typing import List, Set
 import pytest
 
 import kafka_transport as rpc
-from conftest import KafkaClient, Topics, local_broker, peak_rss_mb, read_topic
+from harness import KafkaClient, Topics, local_broker, peak_rss_mb, read_topic
 
 BUILTIN = ["--backend", "builtin"]
 

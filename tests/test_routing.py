@@ -9,17 +9,12 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-from kafka.partitioner.default import murmur2
 
 import kafka_transport as rpc
-from conftest import KafkaClient, Topics, local_broker, read_partitions, read_topic
+from harness import KafkaClient, Topics, local_broker, read_partitions, read_topic
+from kafka_transport import partition_of
 
 BUILTIN = ["--backend", "builtin"]
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """What Java's and kafka-python's default partitioner pick for ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def send(producer: Any, topic: str, message: Dict[str, Any], key: Optional[bytes] = None,

@@ -8,11 +8,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from conftest import KafkaClient, Topics, local_broker
-from test_codex import (  # noqa: F401 (fixtures)
-    CLIENT_INFO, WAIT, codex_bin, codex_env, codex_home, codex_server, initialize, mock_model,
-    notification, request, text_input)
-from test_isolation import assert_refused_like_a_missing_thread
+from harness import (
+    CLIENT_INFO, KafkaClient, Topics, assert_refused_like_a_missing_thread, initialize,
+    local_broker, notification, request, text_input)
 
 
 def session_topics(broker: Any, partitions: int = 1) -> Tuple[Topics, str]:

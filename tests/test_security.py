@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import KafkaClient, Topics
+from harness import KafkaClient, Topics
 from tls_fixtures import KEY_PASSWORD, sasl_broker, tls_broker
 
 BUILTIN = ["--backend", "builtin"]
@@ -151,7 +151,7 @@ def test_failed_sasl_login_exits_3(mechanism, tmp_path, start_server):
 
 
 def test_refused_connection_with_tls_is_retried_not_fatal(tmp_path, start_server):
-    from conftest import local_broker
+    from harness import local_broker
     from tls_fixtures import make_pki
     pki = make_pki(tmp_path / "pki")
     topics = Topics(f"127.0.0.1:{local_broker.free_port()}", create=False)

@@ -9,11 +9,10 @@ import signal
 import subprocess
 import time
 
-from conftest import KafkaClient, Topics, local_broker
-from test_codex import (  # noqa: F401 (fixtures)
-    CLIENT_INFO, WAIT, StdioClient, codex_bin, codex_env, codex_home, codex_server,
-    initialize, logged_codex_pids, mock_model, notification, request, text_input)
-from test_routing import partition_of
+from harness import (
+    CLIENT_INFO, WAIT, KafkaClient, StdioClient, Topics, initialize, local_broker,
+    logged_codex_pids, notification, request, text_input)
+from kafka_transport import partition_of
 
 
 def test_a_turn_streams_in_order_into_its_partition_across_a_broker_pause(

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from conftest import ROOT, Topics, local_broker
+from harness import ROOT, Topics, local_broker
 
 SPRING_KAFKA = "4.1.2"  # the newest spring-kafka 4.1.x Maven Central serves (pinned)
 SPRING = ROOT / ".spring-kafka" / SPRING_KAFKA

@@ -18,8 +18,6 @@ A missing ``openssl`` or ``stunnel`` raises RuntimeError (an error, not a skip).
 """
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import os
 import random
 import shutil
@@ -30,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
+
+from harness import local_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_PASSWORD = "key-s3cret-pw"
@@ -286,22 +286,6 @@ def start_stunnel(accept_port: int, connect_port: int, cert: PathLike, key: Path
 
 # --- Tansu ------------------------------------------------------------------------------
 
-_local_broker: Any = None
-
-
-def local_broker() -> Any:
-    """scripts/local-broker imported as a module (as conftest does)."""
-    global _local_broker
-    if _local_broker is None:
-        path = str(ROOT / "scripts" / "local-broker")
-        loader = importlib.machinery.SourceFileLoader("local_broker_for_tls", path)
-        spec = importlib.util.spec_from_loader(loader.name, loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        _local_broker = module
-    return _local_broker
-
-
 class Tansu(_LoggedProcess):
     def __init__(self, process: subprocess.Popen, port: int, advertised_port: int,
                  log_path: Path):
@@ -314,7 +298,7 @@ class Tansu(_LoggedProcess):
 
 
     def stop(self) -> None:
-        local_broker().stop_process(self.pid)  # SIGINT, then SIGKILL
+        local_broker.stop_process(self.pid)  # SIGINT, then SIGKILL
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
@@ -331,11 +315,11 @@ def start_tansu(workdir: PathLike, port: int = 0, advertised_port: Optional[int]
     log_path = work / f"tansu-{port}.log"
     with open(log_path, "ab") as output:
         if not authentication:
-            broker = local_broker().start_broker(port, advertised_port=advertised, log=output,
+            broker = local_broker.start_broker(port, advertised_port=advertised, log=output,
                                                  timeout=timeout)
             return Tansu(broker.process, port, advertised, log_path)
         process = subprocess.Popen(
-            [local_broker().broker_binary(), "broker", "--listener-url", f"tcp://{HOST}:{port}",
+            [local_broker.broker_binary(), "broker", "--listener-url", f"tcp://{HOST}:{port}",
              "--advertised-listener-url", f"tcp://{HOST}:{advertised}", "--authentication"],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output)
     tansu = Tansu(process, port, advertised, log_path)
