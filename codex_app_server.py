@@ -1109,7 +1109,7 @@ class CodexBackend(Backend):
     Locks: ``lock``, one Condition, guards every ``Session``, the ``SessionTable`` and the
     ``ServerRequests``; nothing waits on a transport, a connection or Codex while holding
     it.  ``Session.saving`` keeps one session's saves in order: taken before ``lock``
-    (never while holding it), and held while the transport saves."""
+    (never while holding it), and held while the session store saves."""
 
     def __init__(self, codex: "CodexProcess", max_sessions: int = 1000,
                  idle_timeout: float = 600.0, request_timeout: float = 0.0,
@@ -1686,7 +1686,8 @@ class SessionTable:
         return session
 
     def find(self, transport: Any, key: Optional[bytes]) -> Optional["Session"]:
-        """The session of ``key`` on ``transport``, if there is one."""
+        """The session of ``key`` on ``transport``, if there is one (for tests: a look
+        without the lock)."""
         return self._sessions.get((transport, key))
 
     def _forget_oldest(self) -> None:
@@ -1810,10 +1811,12 @@ class SessionTable:
 
     def wait_for_room(self, with_held: bool = False) -> None:
         """Wait until fewer than ``max_in_flight`` are in flight (counting, ``with_held``,
-        what waits for a connection), or shutdown's deadline."""
+        what waits for a connection, while any does), or shutdown's deadline."""
+        with_held = with_held and self._held > 0
         while self._in_flight + (self._held if with_held else 0) >= self.max_in_flight \
                 and not self.closed and time.monotonic() < self.stop_deadline:
             self.lock.wait(min(1.0, max(0.01, self.stop_deadline - time.monotonic())))
+            with_held = with_held and self._held > 0
 
     def deadline(self) -> float:
         """When a request sent now times out (--request-timeout)."""
@@ -1896,10 +1899,10 @@ class ServerRequests:
         if asked is None or (asked.session.transport, asked.session.key) != (transport, key):
             return None
         del self._by_id[outward]
-        if asked.thread is None:  # no serverRequest/resolved will come to resolve it
-            del asked.session.asked[asked.codex_id]
-        else:
+        if asked.thread is not None:  # its serverRequest/resolved is still to come
             asked.answered = True
+        elif asked.session.asked.get(asked.codex_id) is asked:  # (Codex may reuse an id)
+            del asked.session.asked[asked.codex_id]
         return asked
 
     def resolved(self, session: "Session", codex_id: Any) -> Optional[int]:

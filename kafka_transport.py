@@ -1,7 +1,7 @@
 """Kafka transport and JSON-RPC envelopes for codex-app-server.
 
 This module knows Kafka and the JSON-RPC 2.0 envelope, nothing of Codex.  It imports
-kafka-python only when a ``KafkaTransport`` is built, so the envelope functions work on a
+kafka-python only when a ``KafkaTransport`` connects, so the envelope functions work on a
 host without kafka-python (stdio-only use).
 
 Sections, in reading order (each one concern):
@@ -1027,7 +1027,7 @@ class OrderedProducer:
             future = client.send(send.topic, value=send.value, key=send.key,
                                  headers=send.headers, partition=partition)
         except Exception as exc:
-            self._failed(send, exc)
+            self._failed(send, exc, at_once=True)
             return False
         future.add_callback(lambda metadata: self._acknowledged(send))
         future.add_errback(lambda error: self._failed(send, error))
@@ -1124,18 +1124,15 @@ class OrderedProducer:
             self._failing_since = None
         send.done()
 
-    def _failed(self, send: _Send, error: Any) -> None:
+    def _failed(self, send: _Send, error: Any, at_once: bool = False) -> None:
         if isinstance(error, self._denied_errors) and not self._denied(send, error):
             return
-        if isinstance(error, self._too_large_errors):
-            # kafka-python 3.0.12 goes on failing the partition's later records with the same
-            # error: a new client, and the reply's error in its place.
+        if isinstance(error, self._too_large_errors) and not at_once:
+            # The brokers' refusal (not the client's own check): kafka-python 3.0.12 then
+            # fails every later record of that partition the same way; a new client stops it.
+            # (Which record of a refused batch was too large is not known: none is replaced
+            # by an error, which could be false; the output topic's limit is checked first.)
             self._broken = self._broken or f"the brokers refused a record as too large ({error})"
-            if self._error_instead(send, INTERNAL_ERROR, f"reply too large for the brokers: "
-                                   f"{len(send.value)} bytes (their message.max.bytes, or the "
-                                   "topic's max.message.bytes, is lower than "
-                                   "--kafka-max-message-bytes)", error):
-                return
         if isinstance(error, self._permanent_errors):
             # Sending it again cannot work: give it up, or its offset would never commit.
             self._give_up(send, error)
@@ -1189,8 +1186,8 @@ class OrderedProducer:
         its lane's order; False for anything else (nobody to tell)."""
         if not send.reply or send.reply_id is None or send.replaced:
             return False
-        log.error("session %s: %s: %s; an error reply goes in its place%s",
-                  session_name(send.session), text, error, f" (to {topic})" if topic else "")
+        log.warning("session %s: %s: %s; an error reply goes in its place%s",
+                    session_name(send.session), text, error, f" (to {topic})" if topic else "")
         value = encode(error_response(send.reply_id, code, text))
         with self._lock:
             self.unacked_bytes += len(value) - len(send.value)
@@ -1255,6 +1252,8 @@ class SessionStore:
         self._reader: Any = None  # a consumer of every partition, no group
         self.behind = True  # read it to its end before taking the next records
         self._saved_meanwhile: Optional[Set[bytes]] = None  # while it is read
+        # Saves not acknowledged yet, per key: newer than what the topic holds.
+        self._saving: "collections.Counter[bytes]" = collections.Counter()
         self._principal = "NAME"  # (for the kafka-acls.sh lines)
         self._denied_log = LogThrottle(burst=10, period=30.0)
         self._lock = threading.Lock()  # the states (see above)
@@ -1268,9 +1267,17 @@ class SessionStore:
         key = session or b""
         with self._lock:
             self._states[key] = state
+            self._saving[key] += 1
             if self._saved_meanwhile is not None:
                 self._saved_meanwhile.add(key)
-        self._producer.send(_Send(self.topic, key, state, None, done, key, None,
+
+        def saved() -> None:
+            with self._lock:
+                self._saving[key] -= 1
+                if not self._saving[key]:
+                    del self._saving[key]
+            done()
+        self._producer.send(_Send(self.topic, key, state, None, saved, key, None,
                                   (self.topic, key)))
 
     def open(self, kafka: Any, consumer_config: Dict[str, Any]) -> None:
@@ -1281,7 +1288,8 @@ class SessionStore:
         self._principal = consumer_config.get("sasl_plain_username") or "NAME"
         try:
             policy = _topic_setting(kafka, topic, consumer_config, "cleanup.policy",
-                missing=f"session topic {topic} does not exist: create it with: kafka-topics.sh "
+                missing=f"session topic {topic} does not exist (or the brokers' ACLs hide it: "
+                        "this server needs Describe on it): create it with: kafka-topics.sh "
                         f"--bootstrap-server HOST:PORT --create --topic {topic} --config "
                         "cleanup.policy=compact")
             reader = dict(consumer_config)
@@ -1328,7 +1336,8 @@ class SessionStore:
                     with self._lock:
                         for record in records:
                             if record.key is not None \
-                                    and record.key not in self._saved_meanwhile:
+                                    and record.key not in self._saved_meanwhile \
+                                    and record.key not in self._saving:
                                 self._states[record.key] = record.value
                                 read += 1
         except Exception as exc:  # the broker is away: records wait, and it is read again
@@ -1549,10 +1558,10 @@ class BrokerConnection:
                         f"{cause}") from None
                 return None, client_log.messages[0] if client_log.messages else str(exc)
 
-    def not_authorized(self, error: Any, topic: str, was_ready: bool) -> None:
-        """The brokers' ACLs refuse the consumer its group or its ``topic``: before it was
-        ever ready, exit 3 naming what is missing and the line that grants it; later (an ACL
-        revoked), an ERROR each time, and it keeps trying."""
+    def not_authorized(self, error: Any, topic: str, starting: bool) -> None:
+        """The brokers' ACLs refuse the consumer its group or its ``topic``: while
+        ``starting``, exit 3 naming what is missing and the line that grants it; later (an
+        ACL revoked), an ERROR each time, and it keeps trying."""
         errors = _import_kafka().errors
         group = isinstance(error, errors.GroupAuthorizationFailedError)
         what = f"--group {self._config['group_id']}" if group else f"--topic {topic}"
@@ -1561,7 +1570,7 @@ class BrokerConnection:
                 f"it with: kafka-acls.sh --bootstrap-server HOST:PORT --add --allow-principal "
                 f"User:{principal} --operation Read{'' if group else ' --operation Describe'} "
                 f"{what}")
-        if not was_ready:
+        if starting:
             raise FatalKafkaError(text)
         self._denied_log.warning(log, "%s", text, level=logging.ERROR)
 
@@ -1633,7 +1642,7 @@ class KafkaTransport:
         self._close_deadline = 0.0
         self._closed = threading.Event()
         self.ready = threading.Event()  # set while the partitions and positions are known
-        self._was_ready = False  # ready once since start
+        self._ready_since: Optional[float] = None  # first ready then (None: never yet)
         self._looked_up = 0.0  # when the input topic's metadata was last fetched again
         self._stats_topic_ok = False  # looked up once, when ready
         self._partitions: List[Dict[str, Any]] = []  # the consumer thread's last look
@@ -1722,7 +1731,8 @@ class KafkaTransport:
         topic = route.topic or self.output_topic
         if value is not None and len(value) > self.max_message_bytes:
             value = self._too_large(message, key, len(value))
-        elif value is not None and topic == self.output_topic and self._output_limit:
+        elif value is not None and topic == self.output_topic and self._output_limit \
+                and self.producer.config.get("compression_type") in (None, "none"):
             # What the brokers would refuse (kafka-python then fails the partition's later
             # records too): a record's value, key, headers and batch overhead.
             size = len(value) + len(key or b"") + 100 + sum(
@@ -1804,7 +1814,7 @@ class KafkaTransport:
                 batches = consumer.poll(timeout_ms=self._poll_ms)
             except (errors.GroupAuthorizationFailedError,
                     errors.TopicAuthorizationFailedError) as exc:
-                self._connection.not_authorized(exc, self.input_topic, self._was_ready)
+                self._connection.not_authorized(exc, self.input_topic, self._starting())
                 self._shutdown.wait(0.5)
                 continue
             except errors.KafkaError as exc:
@@ -1816,7 +1826,7 @@ class KafkaTransport:
                 self._shutdown.wait(0.5)
                 continue
             if self.store is not None and self.store.behind \
-                    and not self.store.read(denied_is_fatal=not self._was_ready):
+                    and not self.store.read(denied_is_fatal=self._starting()):
                 for partition, records in batches.items():  # taken after it is read
                     consumer.seek(partition, records[0].offset)
                 self._shutdown.wait(1.0)
@@ -1841,6 +1851,13 @@ class KafkaTransport:
     def _take(self, partition: Any, record: Any, done: Done) -> None:
         self.intake.take(partition, record, done)
 
+    def _starting(self) -> bool:
+        """Not ready yet, or only just (within the connect timeout): an ACL missing now is
+        a setting to fix, not one revoked (the first fetch may fail after the positions
+        are read, which needs Describe only)."""
+        return self._ready_since is None \
+            or time.monotonic() - self._ready_since < self.connect_timeout
+
     def _look_up_input(self, consumer: Any) -> None:
         """The input topic's metadata, fetched again while the group gave this server none of
         it: a topic created just before the server joined is unknown to the assignment until
@@ -1863,7 +1880,8 @@ class KafkaTransport:
         # position() resolves the committed or reset offset now, so under "latest" a
         # record produced after the ready line is never skipped.
         positions = {tp: consumer.position(tp) for tp in consumer.assignment()}
-        self._was_ready = True
+        if self._ready_since is None:
+            self._ready_since = time.monotonic()
         log.info("kafka transport ready: topic %s partitions %s", self.input_topic,
                  ", ".join(f"{tp.partition}@{offset}" for tp, offset in sorted(positions.items())))
         self.ready.set()
@@ -1935,10 +1953,12 @@ class KafkaClientTransport(KafkaTransport):
         input) in the session's partition; then ``done`` runs."""
         self._produce(message, done, Route(self.session), self.session, self._reply_to)
 
-    def _too_large(self, message: Message, key: Optional[bytes], size: int) -> Optional[bytes]:
+    def _too_large(self, message: Message, key: Optional[bytes], size: int,
+                   limit: Optional[int] = None,
+                   name: str = "--kafka-max-message-bytes") -> Optional[bytes]:
         if "method" not in message:
-            return super()._too_large(message, key, size)
-        text = self._say_too_large("request", key, size)
+            return super()._too_large(message, key, size, limit, name)
+        text = self._say_too_large("request", key, size, limit, name)
         if "id" in message:  # the client hears so
             self._sink.answer(self, error_response(message["id"], INVALID_REQUEST, text),
                               nothing, DEFAULT_ROUTE)
