@@ -1731,8 +1731,7 @@ class KafkaTransport:
         topic = route.topic or self.output_topic
         if value is not None and len(value) > self.max_message_bytes:
             value = self._too_large(message, key, len(value))
-        elif value is not None and topic == self.output_topic and self._output_limit \
-                and self.producer.config.get("compression_type") in (None, "none"):
+        elif value is not None and topic == self.output_topic and self._output_limit:
             # What the brokers would refuse (kafka-python then fails the partition's later
             # records too): a record's value, key, headers and batch overhead.
             size = len(value) + len(key or b"") + 100 + sum(
@@ -1779,7 +1778,9 @@ class KafkaTransport:
 
     def _start_reading(self, kafka: Any) -> None:
         """The session topic's reader, then the group's subscription."""
-        self._output_limit = self._look_up_limit(kafka)
+        # (Compressed, a batch is checked by its compressed size: no limit to check here.)
+        if self.producer.config.get("compression_type") in (None, "none"):
+            self._output_limit = self._look_up_limit(kafka)
         if self.store is not None:
             self.store.open(kafka, self._consumer_config)
         self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
