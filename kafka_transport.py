@@ -1783,6 +1783,7 @@ class KafkaTransport:
             self._output_limit = self._look_up_limit(kafka)
         if self.store is not None:
             self.store.open(kafka, self._consumer_config)
+        _mark_rejoins(self._consumer)
         self._consumer.subscribe([self.input_topic], listener=_rebalance_listener(kafka, self))
         log.info("kafka consumer subscribed to %s as group %s", self.input_topic,
                  self._consumer_config["group_id"])
@@ -2242,6 +2243,25 @@ def _topic_setting(kafka: Any, topic: str, config: Dict[str, Any], name: str,
                 if entry[0] == name:
                     return None if entry[1] is None else str(entry[1])
     return None
+
+
+def _mark_rejoins(consumer: Any) -> None:
+    """kafka-python 3.0 rejoins the group when the input topic's partitions change (or become
+    known) without marking the join as needed: a JoinGroup answered while no poll() runs is
+    then dropped, and the consumer keeps its old partitions, or none, for good (on a busy
+    machine, one start in a few dozen). The Java client marks it (KAFKA-9815); so does this,
+    until the join is taken up. kafka-python-ng completes joins in its callbacks: untouched."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_join_task"):
+        return
+    need_rejoin = coordinator.need_rejoin
+
+    def need_rejoin_marked() -> bool:
+        if need_rejoin():
+            coordinator.request_rejoin()  # cleared once the join's assignment is taken
+            return True
+        return False
+    coordinator.need_rejoin = need_rejoin_marked
 
 
 def _offset_and_metadata(offset: int) -> Any:

@@ -9,11 +9,14 @@ the same Maven-fetched jars as the broker."""
 import json
 import os
 import subprocess
+import sys
+import threading
 import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
+import kafka_transport as rpc
 from harness import CLIENT_INFO, KafkaClient, Topics, codex_args, local_broker
 
 BUILTIN = ["--backend", "builtin"]
@@ -239,6 +242,74 @@ def test_an_input_topic_created_after_the_server_joined_is_read_at_once(broker, 
     finally:
         client.close()
     assert server.stop() == 0
+
+
+class SlowMember:
+    """A member of the server's group, on a topic of its own, that polls every few seconds:
+    each rebalance waits for it, so the server's joins outlast its polls."""
+
+    def __init__(self, bootstrap: str, group: str, every: float = 3.0):
+        from kafka import KafkaConsumer
+        self.topic = group + ".other"
+        local_broker.create_topics(bootstrap, [self.topic])
+        self.consumer = KafkaConsumer(self.topic, bootstrap_servers=bootstrap, group_id=group,
+                                      enable_auto_commit=False, max_poll_interval_ms=60000)
+        self.every = every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            self.consumer.poll(timeout_ms=100)
+            self.stopped.wait(self.every)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(30)
+        self.consumer.close()
+
+
+def hog(stop: threading.Event) -> None:
+    """Keep the interpreter busy until ``stop``."""
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def test_partitions_added_to_the_input_topic_are_taken_up_on_a_busy_machine(broker):
+    """kafka-python 3.0 forgets a rebalance it started for new metadata when its JoinGroup is
+    answered while no poll() is running (the join is not marked as needed, unlike the Java
+    client's since KAFKA-9815): the transport would keep its old partitions, or none, for
+    good. A member that makes each join wait, polls of 1 ms, and a thread that holds the
+    interpreter in long slices (as a busy machine does: the network thread takes the answer
+    late) put that moment between two polls."""
+    from kafka.admin import KafkaAdminClient, NewPartitions
+    topics = Topics(broker.bootstrap)
+    transport = rpc.KafkaTransport(topics.input, topics.output, sink=None, poll_interval=0.001,
+                                   properties={"bootstrap.servers": topics.bootstrap,
+                                               "group.id": topics.group})
+    thread = threading.Thread(target=transport.serve_forever, daemon=True)
+    thread.start()
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    slow = None
+    switch = sys.getswitchinterval()
+    try:
+        assert transport.ready.wait(60), "transport never became ready"
+        slow = SlowMember(broker.bootstrap, topics.group)
+        sys.setswitchinterval(0.02)
+        threading.Thread(target=hog, args=(slow.stopped,), daemon=True).start()
+        admin.create_partitions({topics.input: NewPartitions(total_count=3)})
+        deadline = time.monotonic() + 60
+        while len(transport._assigned) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert transport._assigned == {0, 1, 2}
+    finally:
+        sys.setswitchinterval(switch)
+        admin.close()
+        if slow is not None:
+            slow.close()
+        transport.close(timeout=10)
+        thread.join(10)
 
 
 # --- bad input from the broker side ---------------------------------------------------------
