@@ -49,9 +49,11 @@ local_broker = load_script("local-broker")
 # --- broker and topics ---------------------------------------------------------
 
 def start_broker(kind: str = "tansu") -> Any:
-    """A broker of its own on a free port of 127.0.0.1: Tansu, or Apache Kafka itself."""
+    """A broker of its own on a free port of 127.0.0.1: Tansu, or Apache Kafka itself (its
+    TLS listeners too, and a log cleaner that looks for work twice a second)."""
     if kind == "apache-kafka":
-        return local_broker.start_apache_kafka(0)
+        return local_broker.start_apache_kafka(0, tls=True,
+                                               settings={"log.cleaner.backoff.ms": "500"})
     if kind != "tansu":
         raise ValueError(f"broker {kind!r}: tansu or apache-kafka")
     return local_broker.start_broker(0)

@@ -8,6 +8,7 @@ the same Maven-fetched jars as the broker."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -83,15 +84,21 @@ def assert_answered(topics: Any, msg_id: str) -> None:
         client.close()
 
 
-def sasl_server(broker, topics, start_server, how: str, mechanism: str, password: str,
-                tmp_path: Any = None, user: str = local_broker.SASL_USER, *extra: str) -> Any:
-    """The server on the broker's SASL listener, its login given ``how``: by -X, a
-    properties file, or the reference's environment variables."""
+# The reference's environment variables for the settings these tests give (the protocol is
+# inferred from them).
+ENVIRONMENT = {"ssl.ca.location": "KAFKA_SSL_CA", "ssl.certificate.location": "KAFKA_SSL_CERT",
+               "ssl.key.location": "KAFKA_SSL_KEY", "ssl.key.password": "KAFKA_SSL_KEY_PASSWORD",
+               "sasl.mechanism": "KAFKA_SASL_MECHANISM", "sasl.username": "KAFKA_SASL_USERNAME",
+               "sasl.password": "KAFKA_SASL_PASSWORD"}
+
+
+def secure_server(topics, start_server, bootstrap: str, settings: Dict[str, str], how: str,
+                  tmp_path: Any = None, *extra: str) -> Any:
+    """The server on one of the broker's secured listeners, its client ``settings`` given
+    ``how``: by -X, a properties file, or the reference's environment variables."""
     args = topics.server_args(*BUILTIN, *extra)
-    args[args.index("--kafka-bootstrap-servers") + 1] = broker.sasl_bootstrap
-    settings = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": mechanism,
-                "sasl.username": user, "sasl.password": password}
-    env = dict(os.environ)
+    args[args.index("--kafka-bootstrap-servers") + 1] = bootstrap
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KAFKA_")}
     if how == "-X":
         for key, value in settings.items():
             args += ["-X", f"{key}={value}"]
@@ -99,31 +106,106 @@ def sasl_server(broker, topics, start_server, how: str, mechanism: str, password
         path = tmp_path / "client.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
         args += ["--kafka-config", str(path)]
-    else:  # the reference's environment variables; the protocol is inferred
-        env.update(KAFKA_SASL_MECHANISM=mechanism, KAFKA_SASL_USERNAME=user,
-                   KAFKA_SASL_PASSWORD=password)
+    else:
+        env.update({ENVIRONMENT[key]: value for key, value in settings.items()
+                    if key != "security.protocol"})
     return start_server(args, env=env)
 
 
+def sasl_server(broker, topics, start_server, how: str, mechanism: str, password: str,
+                tmp_path: Any = None, user: str = local_broker.SASL_USER, *extra: str,
+                protocol: str = "SASL_PLAINTEXT") -> Any:
+    """The server on the broker's SASL_PLAINTEXT (or SASL_SSL) listener as ``user``."""
+    settings = {"security.protocol": protocol, "sasl.mechanism": mechanism,
+                "sasl.username": user, "sasl.password": password}
+    bootstrap = broker.sasl_bootstrap
+    if protocol == "SASL_SSL":
+        settings["ssl.ca.location"] = broker.pki.ca_cert
+        bootstrap = broker.sasl_ssl_bootstrap
+    return secure_server(topics, start_server, bootstrap, settings, how, tmp_path, *extra)
+
+
+SECRETS = (local_broker.SASL_PASSWORD, "key-s3cret-pw")  # (tls_fixtures.KEY_PASSWORD)
+
+
+def assert_no_secret(server: Any) -> None:
+    assert not [secret for secret in SECRETS if secret in server.log], "a secret was shown"
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "SASL_SSL"])
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 @pytest.mark.parametrize("how", ["-X", "properties file", "environment"])
 def test_a_sasl_login_succeeds_and_its_password_is_never_shown(broker, topics, start_server,
-                                                               tmp_path, mechanism, how):
+                                                               tmp_path, mechanism, how,
+                                                               protocol):
     server = sasl_server(broker, topics, start_server, how, mechanism,
-                         local_broker.SASL_PASSWORD, tmp_path).wait_ready()
+                         local_broker.SASL_PASSWORD, tmp_path, protocol=protocol).wait_ready()
     assert_answered(topics, "sasl")
     assert server.stop() == 0
-    assert local_broker.SASL_PASSWORD not in server.log and "sasl.password=***" in server.log
+    assert_no_secret(server)
+    assert "sasl.password=***" in server.log
+    assert f"security.protocol={protocol}" in server.log  # given, or inferred
 
 
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "SASL_SSL"])
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_a_wrong_sasl_password_is_exit_3_naming_the_cause(broker, topics, start_server,
-                                                          tmp_path, mechanism):
+                                                          tmp_path, mechanism, protocol):
     wrong = "not-" + local_broker.SASL_PASSWORD
-    server = sasl_server(broker, topics, start_server, "-X", mechanism, wrong, tmp_path)
+    server = sasl_server(broker, topics, start_server, "-X", mechanism, wrong, tmp_path,
+                         protocol=protocol)
     assert server.process.wait(60) == 3, server.log
     assert f"SASL {mechanism} login as 'alice' failed" in server.log, server.log
-    assert wrong not in server.log and local_broker.SASL_PASSWORD not in server.log
+    assert wrong not in server.log
+    assert_no_secret(server)
+
+
+# --- TLS straight to the broker's own listeners ------------------------------------------
+
+@pytest.mark.parametrize("how", ["-X", "properties file", "environment"])
+def test_tls_to_the_brokers_ssl_listener(broker, topics, start_server, tmp_path, how):
+    settings = {"security.protocol": "SSL", "ssl.ca.location": broker.pki.ca_cert}
+    server = secure_server(topics, start_server, broker.ssl_bootstrap, settings, how,
+                           tmp_path).wait_ready()
+    assert_answered(topics, "tls")
+    assert server.stop() == 0
+    assert "security.protocol=SSL" in server.log
+
+
+def test_mutual_tls_with_an_encrypted_key(broker, topics, start_server):
+    pki = broker.pki
+    settings = {"ssl.ca.location": pki.ca_cert, "ssl.certificate.location": pki.client_cert,
+                "ssl.key.location": pki.client_key_encrypted, "ssl.key.password": pki.key_password}
+    server = secure_server(topics, start_server, broker.mtls_bootstrap, settings,
+                           "environment").wait_ready()
+    assert_answered(topics, "mtls")
+    assert server.stop() == 0
+    assert "ssl.key.password=***" in server.log
+    assert_no_secret(server)
+
+
+@pytest.mark.parametrize("case, settings, named", [
+    ("no client certificate", {}, "client certificate"),
+    ("a certificate of another CA", {"ssl.certificate.location": "other_client_cert",
+                                     "ssl.key.location": "other_client_key"},
+     "refused the TLS handshake")])
+def test_mutual_tls_refused_is_exit_3(broker, topics, start_server, case, settings, named):
+    pki = broker.pki
+    settings = {key: getattr(pki, value) for key, value in settings.items()}
+    settings.update({"security.protocol": "SSL", "ssl.ca.location": pki.ca_cert})
+    server = secure_server(topics, start_server, broker.mtls_bootstrap, settings, "-X", None,
+                           "--kafka-connect-timeout", "20")
+    assert server.process.wait(60) == 3, server.log
+    errors = [line for line in server.log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and named in errors[0], server.log
+
+
+def test_a_broker_certificate_of_an_untrusted_ca_is_exit_3(broker, topics, start_server):
+    settings = {"security.protocol": "SSL", "ssl.ca.location": broker.pki.other_ca_cert}
+    server = secure_server(topics, start_server, broker.ssl_bootstrap, settings, "-X", None,
+                           "--kafka-connect-timeout", "20")
+    assert server.process.wait(60) == 3, server.log
+    assert "is not trusted" in server.log, server.log
 
 
 # --- ACLs: what section 4 of the reference tells operators to grant ---------------
@@ -310,6 +392,72 @@ def test_partitions_added_to_the_input_topic_are_taken_up_on_a_busy_machine(brok
             slow.close()
         transport.close(timeout=10)
         thread.join(10)
+
+
+# --- compaction of the session topic, for real ---------------------------------------------
+
+def compacted_topic(bootstrap: str, name: str) -> None:
+    """A session topic the log cleaner compacts within a second or so of each write (with the
+    broker's log.cleaner.backoff.ms=500 of tests/harness.py)."""
+    local_broker.create_topics(bootstrap, [name], configs={
+        "cleanup.policy": "compact", "segment.ms": "100", "min.cleanable.dirty.ratio": "0.01",
+        "min.compaction.lag.ms": "0"})
+
+
+def written_and_kept(bootstrap: str, topic: str) -> Tuple[int, int]:
+    """(records ever written to partition 0 of ``topic``: its end offset, records it holds)."""
+    from kafka import KafkaConsumer, TopicPartition
+    partition = TopicPartition(topic, 0)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        consumer.assign([partition])
+        end = consumer.end_offsets([partition])[partition]
+        consumer.seek_to_beginning()
+        kept, deadline = 0, time.monotonic() + 30
+        while consumer.position(partition) < end and time.monotonic() < deadline:
+            kept += sum(len(batch) for batch in consumer.poll(timeout_ms=200).values())
+        return end, kept
+    finally:
+        consumer.close()
+
+
+def test_a_compacted_session_topic_restores_every_sessions_latest_state(
+        codex_server, broker, mock_model):
+    from harness import initialize, notification, request, text_input
+    topics = Topics(broker.bootstrap)
+    store = topics.output + ".sessions"
+    compacted_topic(broker.bootstrap, store)
+    extra = ("--kafka-session-topic", store)
+    server = codex_server(topics, *extra)
+    clients = {name: KafkaClient(topics, name.encode()) for name in ("ann", "ben", "cid")}
+    threads: Dict[str, List[str]] = {name: [] for name in clients}
+    try:
+        for name, client in clients.items():
+            initialize(client, "init")
+        for round_ in range(6):  # each new thread rewrites the session's state
+            for name, client in clients.items():
+                thread = request(client, f"start-{round_}", "thread/start", {})["thread"]["id"]
+                threads[name].append(thread)
+                mock_model.add_text(f"Turn {round_}.", n_deltas=1)  # (a thread is kept by
+                request(client, f"turn-{round_}", "turn/start",    # Codex from its first turn)
+                        {"threadId": thread, "input": text_input("hi")})
+                notification(client, "turn/completed", threadId=thread)
+        deadline = time.monotonic() + 60
+        written, kept = written_and_kept(broker.bootstrap, store)
+        while kept >= written and time.monotonic() < deadline:  # until the cleaner has run
+            time.sleep(1)
+            written, kept = written_and_kept(broker.bootstrap, store)
+        assert written >= 3 * 7 and kept < written, (written, kept)
+        server.stop(signal.SIGKILL)
+        codex_server(topics, *extra)
+        for name, client in clients.items():  # no new initialize; every thread still its own
+            for n, thread in enumerate(threads[name]):
+                read = request(client, f"read-{n}", "thread/read",
+                               {"threadId": thread, "includeTurns": True})
+                assert read["thread"]["id"] == thread, read
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 # --- bad input from the broker side ---------------------------------------------------------
