@@ -54,8 +54,11 @@ def start_broker(kind: str = "tansu") -> Any:
     if kind == "apache-kafka":
         return local_broker.start_apache_kafka(0, tls=True,
                                                settings={"log.cleaner.backoff.ms": "500"})
+    if kind.startswith("apache-kafka-") and local_broker.zookeeper_mode(kind.split("-")[-1]):
+        return local_broker.start_old_apache_kafka(kind.split("-")[-1])
     if kind != "tansu":
-        raise ValueError(f"broker {kind!r}: tansu or apache-kafka")
+        raise ValueError(f"broker {kind!r}: tansu, apache-kafka, or apache-kafka-VERSION "
+                         "for one before 3.3 (e.g. apache-kafka-2.8.2)")
     return local_broker.start_broker(0)
 
 
